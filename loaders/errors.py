@@ -1,0 +1,17 @@
+"""The one error type users see from this pack's loaders."""
+
+import os
+
+
+class ModelLoadError(Exception):
+    """A file or folder the user chose cannot be loaded.
+
+    The message names the file, says what was found and what was expected, so ComfyUI shows
+    one readable line instead of a traceback from deep inside torch.
+    """
+
+    def __init__(self, path, found, expected):
+        self.path = os.fspath(path) if path is not None else None
+        self.found = found
+        self.expected = expected
+        super().__init__(f"Cannot load '{self.path}': found {found}; expected {expected}.")

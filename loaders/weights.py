@@ -1,0 +1,167 @@
+"""Reading weight files safely: safetensors, PyTorch pickles (without running code), sharded sets."""
+
+import json
+import logging
+import os
+import pickle
+import zipfile
+
+import torch
+import safetensors
+import safetensors.torch
+
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
+PICKLE_EXTENSIONS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+WEIGHT_EXTENSIONS = SAFETENSORS_EXTENSIONS + PICKLE_EXTENSIONS
+
+
+def read_json(path):
+    """A JSON object from a UTF-8 file, with a clear error for anything else."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ModelLoadError(path, "no such file", "a JSON configuration file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(path, f"text that is not valid JSON ({e})", "a JSON configuration file") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(path, f"a JSON {type(data).__name__}", "a JSON object")
+    return data
+
+
+def read_metadata(path):
+    """The string metadata of a .safetensors file ({} for other formats or none)."""
+    if not path.lower().endswith(SAFETENSORS_EXTENSIONS):
+        return {}
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:
+        raise _safetensors_error(path, e) from None
+
+
+def read_state_dict(path, keep=None):
+    """All tensors of one weights file as {name: tensor} on the CPU.
+
+    keep: optional predicate on key names; for .safetensors only the kept tensors are read
+    from disk at all. Pickle files are read with torch's weights_only loader, so loading a
+    file can never run code from it. Sharded sets are read through their *.index.json.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelLoadError(path, "no such file", "a weights file (.safetensors, .bin, .pt)")
+    lower = path.lower()
+    if lower.endswith(".index.json"):
+        return _read_sharded(path, keep)
+    if os.path.getsize(path) == 0:
+        raise ModelLoadError(path, "an empty file", "a weights file (.safetensors, .bin, .pt)")
+    if lower.endswith(SAFETENSORS_EXTENSIONS):
+        return _read_safetensors(path, keep)
+    return _read_pickle(path, keep)
+
+
+def _safetensors_error(path, error):
+    return ModelLoadError(path, f"a file that is not valid safetensors ({error})",
+                          "a .safetensors weights file")
+
+
+def _read_safetensors(path, keep):
+    try:
+        with safetensors.safe_open(path, framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}
+    except Exception as e:
+        raise _safetensors_error(path, e) from None
+
+
+def _read_pickle(path, keep):
+    expected = "a PyTorch weights file (a state dict of tensors)"
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if "Weights only load failed" in text or "weights_only" in text:
+            raise ModelLoadError(
+                path, "a pickle that needs to run code to load (refused: loading a model must not run code)",
+                expected) from None
+        raise ModelLoadError(path, f"a file that is not a readable PyTorch pickle ({text.splitlines()[0]})",
+                             expected) from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelLoadError(path, f"a file that is not a readable PyTorch file ({first})", expected) from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(path, f"a pickled {type(data).__name__}", expected)
+    if keep is not None:
+        data = {k: v for k, v in data.items() if keep(k)}
+    return data
+
+
+def _read_sharded(index_path, keep):
+    index = read_json(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelLoadError(index_path, "no 'weight_map'", "a sharded-weights index with a 'weight_map'")
+    folder = os.path.dirname(index_path)
+    out = {}
+    for shard in sorted(set(weight_map.values())):
+        wanted = {k for k, v in weight_map.items() if v == shard and (keep is None or keep(k))}
+        if not wanted:
+            continue
+        part = read_state_dict(os.path.join(folder, shard), keep=wanted.__contains__)
+        missing = wanted - part.keys()
+        if missing:
+            raise ModelLoadError(os.path.join(folder, shard), f"a shard without {len(missing)} of its indexed "
+                                 f"tensors (e.g. '{sorted(missing)[0]}')", "every tensor the index lists")
+        out.update(part)
+    return out
+
+
+def tensors_only(path, data):
+    """Check every value is a tensor (a cn_clip training checkpoint also carries ints and dicts)."""
+    bad = [k for k, v in data.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ModelLoadError(path, f"non-tensor entries such as '{bad[0]}'", "a state dict of tensors")
+    return data
+
+
+def describe_keys(sd):
+    """A short description of what a state dict looks like, for error messages."""
+    keys = list(sd.keys())
+    if not keys:
+        return "no tensors"
+    hints = [
+        ("text_model.encoder.layers.0.self_attn.q_proj.weight", "an OpenAI/OpenCLIP CLIP text encoder"),
+        ("transformer.resblocks.0.attn.in_proj_weight", "an OpenCLIP text encoder"),
+        ("encoder.block.0.layer.0.SelfAttention.q.weight", "a T5 encoder"),
+        ("conv_in.weight", "a diffusers UNet or VAE"),
+        ("model.diffusion_model.input_blocks.0.0.weight", "a full Stable Diffusion checkpoint"),
+        ("input_blocks.0.0.weight", "an LDM-format UNet"),
+        ("decoder.conv_in.weight", "a VAE"),
+    ]
+    for key, what in hints:
+        if any(k.endswith(key) for k in keys):
+            return f"{what} ({len(keys)} tensors, e.g. '{key}')"
+    return f"{len(keys)} tensors with keys like '{keys[0]}'"
+
+
+# Weight file names diffusers and transformers write, in the order we prefer them.
+def weights_in_folder(folder, stems=("diffusion_pytorch_model", "model", "pytorch_model")):
+    """The weights file (or sharded index) of a diffusers/transformers component folder."""
+    candidates = []
+    for stem in stems:
+        for variant in ("", ".fp16"):
+            for ext in (".safetensors", ".bin"):
+                candidates.append(f"{stem}{variant}{ext}")
+                candidates.append(f"{stem}{variant}{ext}.index.json")
+    for name in candidates:
+        p = os.path.join(folder, name)
+        if os.path.isfile(p):
+            return p
+    others = sorted(n for n in os.listdir(folder) if n.lower().endswith(WEIGHT_EXTENSIONS)) if os.path.isdir(folder) else []
+    if len(others) == 1:
+        return os.path.join(folder, others[0])
+    found = "no weights file" if not others else f"several weights files ({', '.join(others)})"
+    raise ModelLoadError(folder, found, f"one of {', '.join(candidates[:4])} (or a sharded *.index.json)")

@@ -1,0 +1,67 @@
+"""Chinese-CLIP text encoder loader and the encode node."""
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..loaders import chinese_clip
+from . import choices
+
+
+class ChineseCLIPLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ChineseSD_CLIPLoader",
+            display_name="Load Chinese-CLIP Text Encoder",
+            category="loaders/Chinese Stable Diffusion",
+            description="Loads the Chinese-CLIP text tower (BERT) of Chinese Stable Diffusion as a CLIP, from "
+                        "a model folder in models/diffusers/ or a weights file in models/text_encoders/.",
+            inputs=[
+                io.Combo.Input("clip_name", options=choices.component_choices("text_encoder", "text_encoders"),
+                               tooltip="'<model folder>/text_encoder' from models/diffusers, or a file from "
+                                       "models/text_encoders."),
+                io.Combo.Input("dtype", options=list(choices.DTYPES), default="default",
+                               tooltip="Weight dtype; default lets ComfyUI choose (fp16 on most devices)."),
+                io.Combo.Input("device", options=list(choices.DEVICES), default="default",
+                               tooltip="cpu keeps the text encoder on the CPU."),
+            ],
+            outputs=[io.Clip.Output()],
+        )
+
+    @classmethod
+    def execute(cls, clip_name, dtype="default", device="default") -> io.NodeOutput:
+        path = choices.resolve_component(clip_name, "text_encoder", "text_encoders")
+        sd, bert_config, tokenizer_dir = chinese_clip.load_text_encoder(path)
+        clip = chinese_clip.build_clip(sd, bert_config, tokenizer_dir, dtype=choices.DTYPES[dtype],
+                                       device=choices.DEVICES[device],
+                                       embedding_directory=folder_paths.get_folder_paths("embeddings"))
+        return io.NodeOutput(clip)
+
+
+class ChineseCLIPTextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ChineseSD_CLIPTextEncode",
+            display_name="Chinese-CLIP Text Encode",
+            category="conditioning/Chinese Stable Diffusion",
+            description="Encodes a (Chinese) prompt into SD2.1-compatible conditioning exactly as ModelScope's "
+                        "Chinese Stable Diffusion pipeline does. ComfyUI's (词:1.2) weighting works.",
+            inputs=[
+                io.Clip.Input("clip"),
+                io.String.Input("text", multiline=True, dynamic_prompts=True),
+                io.Combo.Input("long_prompt", options=list(chinese_clip.LONG_PROMPT_MODES), default="truncate",
+                               tooltip="truncate: keep the first 52 tokens like the reference pipeline (a "
+                                       "warning says how many were dropped). chunk: encode the rest in extra "
+                                       "52-token windows, ComfyUI style."),
+            ],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, clip, text, long_prompt="truncate") -> io.NodeOutput:
+        if clip is None:
+            raise RuntimeError("ERROR: clip input is invalid: None\n\nIf the clip is from a checkpoint loader node "
+                               "your checkpoint does not contain a valid clip or text encoder model.")
+        tokens = clip.tokenize(text, tokenizer_options={chinese_clip.LONG_PROMPT_OPTION: long_prompt})
+        return io.NodeOutput(clip.encode_from_tokens_scheduled(tokens))

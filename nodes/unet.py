@@ -1,0 +1,63 @@
+"""Chinese UNet loader and the one-node ModelScope folder loader."""
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..loaders import modelscope, unet
+from . import choices
+
+
+class ChineseUNetLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ChineseSD_UNetLoader",
+            display_name="Load Chinese SD UNet",
+            category="loaders/Chinese Stable Diffusion",
+            description="Loads a Chinese Stable Diffusion UNet of any size, from a model folder in "
+                        "models/diffusers/ or a weights file in models/diffusion_models/. Prediction type and "
+                        "noise schedule come from the scheduler config when there is one.",
+            inputs=[
+                io.Combo.Input("unet_name", options=choices.component_choices("unet", "diffusion_models"),
+                               tooltip="'<model folder>/unet' from models/diffusers, or a file from "
+                                       "models/diffusion_models."),
+                io.Combo.Input("prediction", options=choices.PREDICTIONS, default="auto",
+                               tooltip="auto reads scheduler/scheduler_config.json (epsilon if there is none)."),
+                io.Combo.Input("weight_dtype", options=list(choices.DTYPES), default="default"),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, unet_name, prediction="auto", weight_dtype="default") -> io.NodeOutput:
+        path = choices.resolve_component(unet_name, "unet", "diffusion_models")
+        return io.NodeOutput(unet.load_unet(path, prediction=prediction, dtype=choices.DTYPES[weight_dtype]))
+
+
+class ModelScopeLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ChineseSD_ModelScopeLoader",
+            display_name="Load Chinese Stable Diffusion (ModelScope folder)",
+            category="loaders/Chinese Stable Diffusion",
+            description="Loads UNet, Chinese-CLIP text encoder and VAE from a ModelScope/diffusers folder such "
+                        "as damo/multi-modal_chinese_stable_diffusion_v1.0 placed in models/diffusers/.",
+            inputs=[
+                io.Combo.Input("model_folder", options=choices.model_folders()),
+                io.Combo.Input("prediction", options=choices.PREDICTIONS, default="auto",
+                               tooltip="auto reads scheduler/scheduler_config.json."),
+                io.Combo.Input("unet_dtype", options=list(choices.DTYPES), default="default"),
+                io.Combo.Input("text_encoder_dtype", options=list(choices.DTYPES), default="default"),
+            ],
+            outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model_folder, prediction="auto", unet_dtype="default", text_encoder_dtype="default") -> io.NodeOutput:
+        folder = choices.resolve_model_folder(model_folder)
+        model, clip, vae = modelscope.load_folder(
+            folder, prediction=prediction, unet_dtype=choices.DTYPES[unet_dtype],
+            clip_dtype=choices.DTYPES[text_encoder_dtype],
+            embedding_directory=folder_paths.get_folder_paths("embeddings"))
+        return io.NodeOutput(model, clip, vae)

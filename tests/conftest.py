@@ -1,0 +1,56 @@
+"""Test bed: a real ComfyUI (COMFYUI_PATH, set up by tests/run.sh), the pack, and tiny model folders."""
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACK_NAME = "comfyui_chinese_sd"
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+CACHE_DIR = os.environ.get("CNSD_TEST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "comfyui-chinese-sd-tests")
+
+if not COMFYUI_PATH or not os.path.isfile(os.path.join(COMFYUI_PATH, "comfyui_version.py")):
+    raise pytest.UsageError("COMFYUI_PATH must point at a ComfyUI checkout; run the suite with: bash tests/run.sh")
+
+if COMFYUI_PATH not in sys.path:
+    sys.path.insert(0, COMFYUI_PATH)
+
+import comfy.cli_args  # noqa: E402  (must be configured before comfy.model_management is imported)
+
+if not torch.cuda.is_available():
+    comfy.cli_args.args.cpu = True
+
+import folder_paths  # noqa: E402
+
+import tiny_models  # noqa: E402
+
+
+def _import_pack():
+    """Import the pack the way ComfyUI does: as a package from its __init__.py."""
+    if PACK_NAME in sys.modules:
+        return sys.modules[PACK_NAME]
+    spec = importlib.util.spec_from_file_location(PACK_NAME, os.path.join(PACK_DIR, "__init__.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_NAME] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+pack = _import_pack()
+
+
+@pytest.fixture(scope="session")
+def model_folders():
+    """{variant name: folder} of the tiny ModelScope-layout models, registered as ComfyUI's models/diffusers."""
+    folders = tiny_models.build_all(CACHE_DIR)
+    root = os.path.dirname(next(iter(folders.values())))
+    folder_paths.add_model_folder_path("diffusers", root, is_default=True)
+    return folders
+
+
+@pytest.fixture(scope="session")
+def fixture_root(model_folders):
+    return os.path.dirname(next(iter(model_folders.values())))

@@ -1,0 +1,77 @@
+"""The pack's Chinese-CLIP tokenizer (shipped vocab, no cn_clip at run time) against both references."""
+
+import os
+
+import pytest
+import torch
+
+from conftest import pack
+from reference import PROMPTS, REFERENCE_LENGTH, reference_tokens
+
+chinese_clip = pack.loaders.chinese_clip
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return chinese_clip.ChineseCLIPTokenizerSet()
+
+
+def _ids(tokenizer, prompt, mode="truncate"):
+    windows = tokenizer.tokenize_with_weights(prompt, tokenizer_options={chinese_clip.LONG_PROMPT_OPTION: mode})
+    return [[t for t, _ in w] for w in windows[chinese_clip.NAME]]
+
+
+def test_shipped_vocab_is_chinese_clips():
+    import tiny_models
+    with open(tiny_models.chinese_clip_vocab(), encoding="utf-8") as a, \
+            open(os.path.join(chinese_clip.SHIPPED_TOKENIZER, "vocab.txt"), encoding="utf-8") as b:
+        assert a.read() == b.read()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_matches_cn_clip_tokenize(tokenizer, prompt):
+    import cn_clip.clip
+    expected = cn_clip.clip.tokenize([prompt], context_length=REFERENCE_LENGTH)[0].tolist()
+    assert _ids(tokenizer, prompt) == [expected]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_matches_reference_recipe(tokenizer, prompt, model_folders):
+    ref = reference_tokens(os.path.join(model_folders["csd_eps_safetensors"], "tokenizer"), [prompt])
+    assert _ids(tokenizer, prompt) == ref["input_ids"].tolist()
+
+
+def test_long_prompt_truncate_warns_with_count(tokenizer, caplog):
+    prompt = "长" * 60
+    with caplog.at_level("WARNING"):
+        ids = _ids(tokenizer, prompt, "truncate")
+    assert len(ids) == 1 and len(ids[0]) == REFERENCE_LENGTH
+    assert "10 tokens were dropped" in caplog.text
+
+
+def test_long_prompt_chunk_keeps_everything(tokenizer):
+    ids = _ids(tokenizer, "长" * 60, "chunk")
+    assert len(ids) == 2 and all(len(w) == REFERENCE_LENGTH for w in ids)
+    long_id = ids[0][1]
+    assert sum(t == long_id for w in ids for t in w) == 60
+    assert ids[1][:12] == [101] + [long_id] * 10 + [102] and set(ids[1][12:]) == {0}
+
+
+def test_weighting_syntax_sets_weights(tokenizer):
+    windows = tokenizer.tokenize_with_weights("山水(瀑布:1.3)云", tokenizer_options={})[chinese_clip.NAME]
+    tokens = windows[0][:7]
+    assert [w for _, w in tokens] == [1.0, 1.0, 1.0, pytest.approx(1.3), pytest.approx(1.3), 1.0, 1.0]
+    plain = _ids(tokenizer, "山水瀑布云")[0]
+    assert [t for t, _ in windows[0]] == plain
+
+
+def test_no_cn_clip_import_at_run_time():
+    import subprocess
+    import sys
+    code = ("import sys, importlib.util, os; sys.path.insert(0, os.environ['COMFYUI_PATH']);"
+            "import comfy.cli_args; comfy.cli_args.args.cpu = True;"
+            f"spec = importlib.util.spec_from_file_location('p', {os.path.join(os.path.dirname(chinese_clip.__file__), '..', '__init__.py')!r});"
+            "m = importlib.util.module_from_spec(spec); sys.modules['p'] = m; spec.loader.exec_module(m);"
+            "t = m.loaders.chinese_clip.ChineseCLIPTokenizerSet(); t.tokenize_with_weights('中国山水画');"
+            "assert 'cn_clip' not in sys.modules, 'cn_clip imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
