@@ -276,7 +276,7 @@ def load_unet(location, prediction="auto", dtype=None, scheduler_config=None, la
     if scheduler_config is None:
         scheduler_config = find_scheduler_config(location)
     model_type, settings = resolve_sampling(scheduler_config, prediction)
-    log.info("Chinese SD UNet %s: %s, %s betas %s-%s", weights, model_type.name, settings["beta_schedule"],
+    log.info("Chinese SD UNet %s: %s, ComfyUI beta schedule %s %s-%s", weights, model_type.name, settings["beta_schedule"],
              settings["linear_start"], settings["linear_end"])
     return build_model(sd, unet_config, model_type, settings, heads=heads, dtype=dtype,
                        latent_scale=latent_scale, path=weights)

@@ -132,18 +132,20 @@ def describe_keys(sd):
     keys = list(sd.keys())
     if not keys:
         return "no tensors"
-    hints = [
+    hints = [  # (key that identifies it, what it is); keys are matched exactly or as a suffix after a '.'
         ("text_model.encoder.layers.0.self_attn.q_proj.weight", "an OpenAI/OpenCLIP CLIP text encoder"),
         ("transformer.resblocks.0.attn.in_proj_weight", "an OpenCLIP text encoder"),
         ("encoder.block.0.layer.0.SelfAttention.q.weight", "a T5 encoder"),
-        ("conv_in.weight", "a diffusers UNet or VAE"),
+        ("decoder.conv_in.weight", "a VAE"),
         ("model.diffusion_model.input_blocks.0.0.weight", "a full Stable Diffusion checkpoint"),
         ("input_blocks.0.0.weight", "an LDM-format UNet"),
-        ("decoder.conv_in.weight", "a VAE"),
+        ("conv_in.weight", "a diffusers UNet"),
+        ("encoder.layer.0.attention.self.query.weight", "a BERT text encoder"),
     ]
     for key, what in hints:
-        if any(k.endswith(key) for k in keys):
-            return f"{what} ({len(keys)} tensors, e.g. '{key}')"
+        match = next((k for k in keys if k == key or k.endswith("." + key)), None)
+        if match is not None:
+            return f"{what} ({len(keys)} tensors, e.g. '{match}')"
     return f"{len(keys)} tensors with keys like '{keys[0]}'"
 
 

@@ -1,0 +1,116 @@
+"""Start a real ComfyUI server (python main.py) on 127.0.0.1 and talk to it over HTTP."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    def __init__(self, comfyui_path, workdir, model_paths, env=None):
+        """model_paths: {ComfyUI folder name: absolute path} added through an extra_model_paths.yaml."""
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workdir = workdir
+        config = os.path.join(workdir, "extra_model_paths.yaml")
+        with open(config, "w", encoding="utf-8") as f:
+            f.write("chinese_sd_tests:\n")
+            for name, path in model_paths.items():
+                f.write(f"    {name}: {json.dumps(path)}\n")
+        for d in ("output", "input", "temp", "user"):
+            os.makedirs(os.path.join(workdir, d), exist_ok=True)
+        cmd = [sys.executable, os.path.join(comfyui_path, "main.py"), "--listen", "127.0.0.1", "--port", str(self.port),
+               "--extra-model-paths-config", config, "--output-directory", os.path.join(workdir, "output"),
+               "--input-directory", os.path.join(workdir, "input"), "--temp-directory", os.path.join(workdir, "temp"),
+               "--user-directory", os.path.join(workdir, "user"), "--database-url", "sqlite:///:memory:",
+               "--disable-auto-launch"]
+        try:
+            import torch
+            if not torch.cuda.is_available():
+                cmd.append("--cpu")
+        except ImportError:
+            cmd.append("--cpu")
+        self.log_path = os.path.join(workdir, "server.log")
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=comfyui_path, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+
+    def log_text(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", errors="replace")
+
+    def wait_ready(self, timeout=180):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log_text()[-5000:]}")
+            try:
+                self.get_json("/object_info/ChineseSD_ModelScopeLoader")
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        raise TimeoutError(f"ComfyUI did not start in {timeout}s:\n{self.log_text()[-5000:]}")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+    def get(self, path):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return r.read()
+
+    def get_json(self, path):
+        return json.loads(self.get(path).decode("utf-8"))
+
+    def post_json(self, path, data):
+        req = urllib.request.Request(self.url + path, data=json.dumps(data).encode("utf-8"),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read().decode("utf-8"))
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read().decode("utf-8"))
+
+    def run_prompt(self, workflow, timeout=300):
+        """Queue an API-format workflow and wait for its history entry."""
+        status, body = self.post_json("/prompt", {"prompt": workflow, "client_id": uuid.uuid4().hex})
+        assert status == 200, f"prompt rejected ({status}): {body}"
+        prompt_id = body["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get_json(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                entry = history[prompt_id]
+                if entry["status"]["status_str"] in ("success", "error"):
+                    return entry
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI died:\n{self.log_text()[-5000:]}")
+            time.sleep(0.25)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s:\n{self.log_text()[-3000:]}")
+
+    def output_images(self, entry):
+        """PNG bytes of every image the history entry lists."""
+        images = []
+        for node_output in entry["outputs"].values():
+            for img in node_output.get("images", []):
+                query = urllib.parse.urlencode({"filename": img["filename"], "subfolder": img["subfolder"],
+                                                "type": img["type"]})
+                images.append(self.get(f"/view?{query}"))
+        return images

@@ -1,0 +1,122 @@
+"""Through the real host: a ComfyUI server started on 127.0.0.1 runs API-format workflows with the pack."""
+
+import io
+import os
+import shutil
+
+import pytest
+from PIL import Image
+
+from comfy_server import ComfyServer
+from conftest import COMFYUI_PATH
+
+WIDTH, HEIGHT = 64, 48
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, fixture_root):
+    work = tmp_path_factory.mktemp("comfy")
+    broken = work / "models"
+    (broken / "diffusion_models").mkdir(parents=True)
+    (broken / "text_encoders").mkdir(parents=True)
+    # what users get wrong: a download cut short, a file of the wrong kind
+    (broken / "diffusion_models" / "truncated.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    vae_file = os.path.join(fixture_root, "csd_eps_safetensors", "vae", "diffusion_pytorch_model.safetensors")
+    shutil.copy(vae_file, broken / "text_encoders" / "中文_vae_not_a_text_encoder.safetensors")
+    srv = ComfyServer(COMFYUI_PATH, str(work), {
+        "diffusers": fixture_root,
+        "diffusion_models": str(broken / "diffusion_models"),
+        "text_encoders": str(broken / "text_encoders"),
+    }, env={"PYTHONIOENCODING": "gbk"})  # a Chinese Windows console's encoding must not crash anything
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def txt2img(loader_nodes, clip_ref, model_ref, vae_ref, encode_type="ChineseSD_CLIPTextEncode", seed=7):
+    encode_inputs = {"long_prompt": "truncate"} if encode_type == "ChineseSD_CLIPTextEncode" else {}
+    return {
+        **loader_nodes,
+        "pos": {"class_type": encode_type, "inputs": {"clip": clip_ref, "text": "中国山水画", **encode_inputs}},
+        "neg": {"class_type": encode_type, "inputs": {"clip": clip_ref, "text": "模糊的", **encode_inputs}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": WIDTH, "height": HEIGHT, "batch_size": 1}},
+        "sample": {"class_type": "KSampler", "inputs": {
+            "model": model_ref, "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
+            "seed": seed, "steps": 4, "cfg": 7.5, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": vae_ref}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "chinese_sd"}},
+    }
+
+
+def folder_loader(name="csd_eps_safetensors"):
+    return {"load": {"class_type": "ChineseSD_ModelScopeLoader", "inputs": {
+        "model_folder": name, "prediction": "auto", "unet_dtype": "default", "text_encoder_dtype": "default"}}}
+
+
+def assert_png(server, entry, size):
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    images = server.output_images(entry)
+    assert len(images) == 1
+    img = Image.open(io.BytesIO(images[0]))
+    assert img.format == "PNG" and img.size == size
+    return img
+
+
+def errors(entry):
+    return [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+
+
+def test_nodes_are_registered_with_the_model_folders(server):
+    info = server.get_json("/object_info")
+    for node_id in ("ChineseSD_CLIPLoader", "ChineseSD_CLIPTextEncode", "ChineseSD_UNetLoader",
+                    "ChineseSD_ModelScopeLoader"):
+        assert node_id in info
+    folders = info["ChineseSD_ModelScopeLoader"]["input"]["required"]["model_folder"]
+    assert {"csd_eps_safetensors", "csd_v_bin"} <= set(folders[1]["options"] if isinstance(folders[1], dict) and "options" in folders[1] else folders[0])
+    unets = info["ChineseSD_UNetLoader"]["input"]["required"]["unet_name"]
+    listed = unets[1]["options"] if isinstance(unets[1], dict) and "options" in unets[1] else unets[0]
+    assert "csd_v_bin/unet" in listed and "truncated.safetensors" in listed
+
+
+@pytest.mark.parametrize("name", ["csd_eps_safetensors", "csd_v_bin"])
+def test_txt2img_with_the_folder_loader_returns_a_png(server, name):
+    entry = server.run_prompt(txt2img(folder_loader(name), ["load", 1], ["load", 0], ["load", 2]))
+    img = assert_png(server, entry, (WIDTH, HEIGHT))
+    assert any(lo < hi for lo, hi in img.getextrema())  # not a flat image
+
+
+def test_separate_loaders_with_stock_clip_text_encode(server):
+    loaders = {
+        **folder_loader(),
+        "clip": {"class_type": "ChineseSD_CLIPLoader", "inputs": {
+            "clip_name": "csd_eps_safetensors/text_encoder", "dtype": "default", "device": "cpu"}},
+        "unet": {"class_type": "ChineseSD_UNetLoader", "inputs": {
+            "unet_name": "csd_v_bin/unet", "prediction": "auto", "weight_dtype": "default"}},
+    }
+    entry = server.run_prompt(txt2img(loaders, ["clip", 0], ["unet", 0], ["load", 2], encode_type="CLIPTextEncode"))
+    assert_png(server, entry, (WIDTH, HEIGHT))
+
+
+def test_user_errors_are_one_clear_message_and_the_server_keeps_running(server):
+    broken_unet = {"unet": {"class_type": "ChineseSD_UNetLoader", "inputs": {
+        "unet_name": "truncated.safetensors", "prediction": "auto", "weight_dtype": "default"}}, **folder_loader()}
+    entry = server.run_prompt(txt2img(broken_unet, ["load", 1], ["unet", 0], ["load", 2]))
+    assert entry["status"]["status_str"] == "error"
+    (err,) = errors(entry)
+    assert err["exception_type"].endswith("ModelLoadError")
+    assert "truncated.safetensors" in err["exception_message"] and "not valid safetensors" in err["exception_message"]
+
+    wrong_kind = {"clip": {"class_type": "ChineseSD_CLIPLoader", "inputs": {
+        "clip_name": "中文_vae_not_a_text_encoder.safetensors", "dtype": "default", "device": "default"}},
+        **folder_loader()}
+    entry = server.run_prompt(txt2img(wrong_kind, ["clip", 0], ["load", 0], ["load", 2]))
+    (err,) = errors(entry)
+    message = err["exception_message"]
+    assert "中文_vae_not_a_text_encoder.safetensors" in message and "a VAE" in message and "expected a Chinese-CLIP" in message
+
+    # still serving: the next prompt succeeds
+    entry = server.run_prompt(txt2img(folder_loader(), ["load", 1], ["load", 0], ["load", 2], seed=8))
+    assert_png(server, entry, (WIDTH, HEIGHT))
+    assert server.proc.poll() is None
