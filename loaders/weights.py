@@ -89,7 +89,7 @@ def _read_pickle(path, keep):
                 expected) from None
         raise ModelLoadError(path, f"a file that is not a readable PyTorch pickle ({text.splitlines()[0]})",
                              expected) from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+    except Exception as e:  # a damaged file makes torch's unpickler fail in many ways
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelLoadError(path, f"a file that is not a readable PyTorch file ({first})", expected) from None
     if not isinstance(data, dict):

@@ -114,3 +114,40 @@ class ComfyServer:
                                                 "type": img["type"]})
                 images.append(self.get(f"/view?{query}"))
         return images
+
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def _is_widget(spec):
+    kind = spec[0]
+    return isinstance(kind, list) or kind in WIDGET_TYPES
+
+
+def ui_to_api(workflow, object_info):
+    """Turn a UI-format workflow (what users share) into the API format /prompt takes, the way the
+    frontend does: widgets_values fill the widget inputs in schema order (a seed's 'control after
+    generate' value is skipped), links become [source node id, output slot]."""
+    links = {link[0]: link for link in workflow["links"]}
+    api = {}
+    for node in workflow["nodes"]:
+        if node.get("mode", 0) != 0:
+            continue
+        info = object_info[node["type"]]
+        linked = {inp["name"]: inp["link"] for inp in node.get("inputs", []) if inp.get("link") is not None}
+        values = list(node.get("widgets_values", []))
+        inputs = {}
+        for section in ("required", "optional"):
+            for name, spec in info["input"].get(section, {}).items():
+                if name in linked:
+                    link = links[linked[name]]
+                    inputs[name] = [str(link[1]), link[2]]
+                    if _is_widget(spec) and values:  # a widget converted to an input still holds its value
+                        values.pop(0)
+                elif _is_widget(spec) and values:
+                    inputs[name] = values.pop(0)
+                    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                    if options.get("control_after_generate") and values:
+                        values.pop(0)
+        api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return api

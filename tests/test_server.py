@@ -1,13 +1,14 @@
 """Through the real host: a ComfyUI server started on 127.0.0.1 runs API-format workflows with the pack."""
 
 import io
+import json
 import os
 import shutil
 
 import pytest
 from PIL import Image
 
-from comfy_server import ComfyServer
+from comfy_server import ComfyServer, ui_to_api
 from conftest import COMFYUI_PATH
 
 WIDTH, HEIGHT = 64, 48
@@ -73,11 +74,13 @@ def test_nodes_are_registered_with_the_model_folders(server):
     for node_id in ("ChineseSD_CLIPLoader", "ChineseSD_CLIPTextEncode", "ChineseSD_UNetLoader",
                     "ChineseSD_ModelScopeLoader"):
         assert node_id in info
-    folders = info["ChineseSD_ModelScopeLoader"]["input"]["required"]["model_folder"]
-    assert {"csd_eps_safetensors", "csd_v_bin"} <= set(folders[1]["options"] if isinstance(folders[1], dict) and "options" in folders[1] else folders[0])
-    unets = info["ChineseSD_UNetLoader"]["input"]["required"]["unet_name"]
-    listed = unets[1]["options"] if isinstance(unets[1], dict) and "options" in unets[1] else unets[0]
-    assert "csd_v_bin/unet" in listed and "truncated.safetensors" in listed
+    def options(node_id, name):
+        spec = info[node_id]["input"]["required"][name]
+        return spec[1]["options"] if spec[0] == "COMBO" else spec[0]
+
+    assert {"csd_eps_safetensors", "csd_v_bin"} <= set(options("ChineseSD_ModelScopeLoader", "model_folder"))
+    assert {"csd_v_bin/unet", "truncated.safetensors"} <= set(options("ChineseSD_UNetLoader", "unet_name"))
+    assert "csd_eps_safetensors/text_encoder" in options("ChineseSD_CLIPLoader", "clip_name")
 
 
 @pytest.mark.parametrize("name", ["csd_eps_safetensors", "csd_v_bin"])
@@ -120,3 +123,29 @@ def test_user_errors_are_one_clear_message_and_the_server_keeps_running(server):
     entry = server.run_prompt(txt2img(folder_loader(), ["load", 1], ["load", 0], ["load", 2], seed=8))
     assert_png(server, entry, (WIDTH, HEIGHT))
     assert server.proc.poll() is None
+
+
+def test_shipped_workflow_runs_as_users_share_it(server):
+    templates = server.get_json("/workflow_templates")
+    assert "chinese_sd_txt2img" in templates["comfyui-chinese-sd"]
+    workflow = json.loads(server.get("/api/workflow_templates/comfyui-chinese-sd/chinese_sd_txt2img.json"))
+    api = ui_to_api(workflow, server.get_json("/object_info"))
+    by_type = {node["class_type"]: node["inputs"] for node in api.values()}
+    assert by_type["ChineseSD_ModelScopeLoader"]["model_folder"] == "multi-modal_chinese_stable_diffusion_v1.0"
+    assert by_type["KSampler"]["steps"] == 50 and by_type["KSampler"]["cfg"] == 7.5
+    # the tiny test model stands in for the real folder; keep the run short
+    by_type["ChineseSD_ModelScopeLoader"]["model_folder"] = "csd_eps_safetensors"
+    by_type["EmptyLatentImage"].update(width=WIDTH, height=HEIGHT)
+    by_type["KSampler"]["steps"] = 3
+    entry = server.run_prompt(api)
+    assert_png(server, entry, (WIDTH, HEIGHT))
+
+
+def test_chinese_translations_are_served(server):
+    zh = server.get_json("/i18n")["zh"]["nodeDefs"]
+    info = server.get_json("/object_info")
+    for node_id in ("ChineseSD_CLIPLoader", "ChineseSD_CLIPTextEncode", "ChineseSD_UNetLoader",
+                    "ChineseSD_ModelScopeLoader"):
+        assert zh[node_id]["display_name"]
+        schema_inputs = {**info[node_id]["input"]["required"], **info[node_id]["input"].get("optional", {})}
+        assert set(zh[node_id]["inputs"]) == set(schema_inputs)

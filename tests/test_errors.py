@@ -1,0 +1,143 @@
+"""Every error a user can cause is one clear ModelLoadError naming the file, what was found and what was expected."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import pack
+
+ModelLoadError = pack.loaders.ModelLoadError
+chinese_clip = pack.loaders.chinese_clip
+unet = pack.loaders.unet
+modelscope = pack.loaders.modelscope
+weights = pack.loaders.weights
+
+
+def expect_error(fn, path, *phrases):
+    with pytest.raises(ModelLoadError) as info:
+        fn()
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert os.path.basename(os.fspath(path)) in message, message
+    assert "found" in message and "expected" in message, message
+    for phrase in phrases:
+        assert phrase in message, message
+    return message
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.bin"
+    torch.save({"weight": torch.zeros(1), "payload": RunsCode(str(marker))}, path)
+    expect_error(lambda: weights.read_state_dict(path), path, "needs to run code")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content,phrase", [
+    (b"", "an empty file"),
+    (b"this is not a model, it is a text file\n" * 10, "not a readable PyTorch"),
+])
+def test_garbage_bin(tmp_path, content, phrase):
+    path = tmp_path / "model.bin"
+    path.write_bytes(content)
+    expect_error(lambda: weights.read_state_dict(path), path, phrase)
+
+
+def test_truncated_downloads(tmp_path):
+    sd = {"a": torch.randn(64, 64), "b": torch.randn(64)}
+    torch.save(sd, tmp_path / "full.bin")
+    save_file(sd, tmp_path / "full.safetensors")
+    for name in ("full.bin", "full.safetensors"):
+        data = (tmp_path / name).read_bytes()
+        cut = tmp_path / ("cut_" + name)
+        cut.write_bytes(data[: len(data) // 2])
+        expect_error(lambda: weights.read_state_dict(cut), cut)
+
+
+def test_pickle_of_something_else(tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save([torch.zeros(1)], path)
+    expect_error(lambda: weights.read_state_dict(path), path, "a pickled list")
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.safetensors"
+    expect_error(lambda: weights.read_state_dict(path), path, "no such file")
+
+
+def test_unet_given_to_the_text_encoder_loader(model_folders):
+    path = os.path.join(model_folders["csd_eps_safetensors"], "unet", "diffusion_pytorch_model.safetensors")
+    expect_error(lambda: chinese_clip.load_text_encoder(path), path, "a diffusers UNet", "Chinese-CLIP")
+
+
+def test_openclip_text_encoder_given_to_the_text_encoder_loader(tmp_path):
+    path = tmp_path / "open_clip_h.safetensors"
+    save_file({"text_model.encoder.layers.0.self_attn.q_proj.weight": torch.zeros(4, 4),
+               "text_model.embeddings.token_embedding.weight": torch.zeros(8, 4)}, path)
+    expect_error(lambda: chinese_clip.load_text_encoder(str(path)), path, "OpenCLIP")
+
+
+def test_text_encoder_given_to_the_unet_loader(model_folders):
+    path = os.path.join(model_folders["csd_eps_safetensors"], "text_encoder", "model.safetensors")
+    expect_error(lambda: unet.load_unet(path), path, "BERT text encoder", "a UNet")
+
+
+def test_config_that_does_not_match_the_weights(tmp_path, model_folders):
+    te = tmp_path / "text_encoder"
+    shutil.copytree(os.path.join(model_folders["csd_eps_safetensors"], "text_encoder"), te)
+    config = json.loads((te / "config.json").read_text(encoding="utf-8"))
+    config["num_hidden_layers"] = 24
+    (te / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    expect_error(lambda: chinese_clip.load_text_encoder(str(te)), "model.safetensors", "num_hidden_layers=2", "24")
+
+
+def test_incomplete_text_encoder(tmp_path, model_folders):
+    sd = weights.read_state_dict(os.path.join(model_folders["csd_eps_safetensors"], "text_encoder", "model.safetensors"))
+    del sd["encoder.layer.1.output.dense.weight"]
+    path = tmp_path / "partial.safetensors"
+    save_file(sd, path)
+    expect_error(lambda: chinese_clip.load_text_encoder(str(path)), path, "1 missing tensors")
+
+
+def test_vocabulary_that_does_not_fit(tmp_path, model_folders):
+    sd, config, _ = chinese_clip.load_text_encoder(os.path.join(model_folders["csd_eps_safetensors"], "text_encoder"))
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n", encoding="utf-8")
+    expect_error(lambda: chinese_clip.build_clip(sd, config, str(tmp_path)), "vocab.txt", "4 tokens", "21128")
+
+
+def test_unsupported_scheduler_config(tmp_path):
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(json.dumps({"prediction_type": "sample"}), encoding="utf-8")
+    expect_error(lambda: unet.resolve_sampling(str(path)), path, "prediction_type 'sample'")
+    path.write_text("{not json", encoding="utf-8")
+    expect_error(lambda: unet.resolve_sampling(str(path)), path, "not valid JSON")
+
+
+def test_folder_missing_components(tmp_path, model_folders):
+    folder = tmp_path / "half_download"
+    folder.mkdir()
+    shutil.copytree(os.path.join(model_folders["csd_eps_safetensors"], "unet"), folder / "unet")
+    expect_error(lambda: modelscope.load_folder(str(folder)), folder, "missing text_encoder, vae")
+
+
+def test_missing_weights_in_component_folder(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text("{}", encoding="utf-8")
+    expect_error(lambda: unet.load_unet(str(tmp_path / "unet")), "unet", "no weights file")
+
+
+def test_dropdown_entry_that_no_longer_exists(model_folders):
+    with pytest.raises(ModelLoadError, match="deleted_model"):
+        pack.nodes.ChineseUNetLoader.execute(unet_name="deleted_model/unet")
