@@ -54,3 +54,21 @@ def model_folders():
 @pytest.fixture(scope="session")
 def fixture_root(model_folders):
     return os.path.dirname(next(iter(model_folders.values())))
+
+
+_PARITY = []
+
+
+@pytest.fixture
+def record_parity():
+    """Record a measured max abs difference; the figures are listed at the end of the run."""
+    def record(what, value, threshold):
+        _PARITY.append((what, value, threshold))
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _PARITY:
+        terminalreporter.section("parity: measured max abs differences")
+        for what, value, threshold in _PARITY:
+            terminalreporter.write_line(f"{what}: {value:.3g} (threshold {threshold:g})")

@@ -1,7 +1,6 @@
 """Conditioning parity: the pack's loader + encode node against transformers' ChineseCLIPTextModel
 driven by ModelScope's recipe (fp32, max abs difference <= 1e-5, identical token ids)."""
 
-import logging
 import os
 
 import pytest
@@ -11,7 +10,6 @@ import nodes as comfy_nodes
 from conftest import pack
 from reference import PROMPTS, REFERENCE_LENGTH, reference_encode, reference_tokens
 
-log = logging.getLogger(__name__)
 TOLERANCE = 1e-5
 node_module = pack.nodes
 
@@ -37,7 +35,7 @@ def reference(folder, prompts):
     return reference_encode(os.path.join(folder, "text_encoder"), os.path.join(folder, "tokenizer"), prompts)
 
 
-def test_prompt_corpus(variant):
+def test_prompt_corpus(variant, record_parity):
     name, folder, clip = variant
     ref = reference(folder, PROMPTS)
     ref_ids = reference_tokens(os.path.join(folder, "tokenizer"), PROMPTS)["input_ids"]
@@ -50,8 +48,7 @@ def test_prompt_corpus(variant):
         diff = (ours - ref[i:i + 1]).abs().max().item()
         worst = max(worst, diff)
         assert diff <= TOLERANCE, f"{prompt!r}: max abs difference {diff}"
-    log.warning("conditioning parity %s: max abs difference %.3g over %d prompts", name, worst, len(PROMPTS))
-    print(f"\nPARITY conditioning {name}: max abs diff {worst:.3g} over {len(PROMPTS)} prompts")
+    record_parity(f"conditioning {name} ({len(PROMPTS)} prompts)", worst, TOLERANCE)
 
 
 def test_chunk_mode_windows_follow_the_recipe(variant):

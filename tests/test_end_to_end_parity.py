@@ -55,12 +55,12 @@ def comfyui_image(name, prediction="auto"):
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_txt2img_matches_diffusers(name, model_folders):
+def test_txt2img_matches_diffusers(name, model_folders, record_parity):
     ours = comfyui_image(name)
     ref = diffusers_reference(model_folders[name])
     assert ours.shape == ref.shape == (1, HEIGHT, WIDTH, 3)
     diff = (ours - ref).abs().max().item()
-    print(f"\nPARITY end-to-end {name} ({VARIANTS[name][1]}): max abs pixel diff {diff:.3g}")
+    record_parity(f"end-to-end pixels {name} ({VARIANTS[name][1]})", diff, TOLERANCE)
     assert ref.std().item() > 0.01  # a real picture, not a flat one
     assert diff <= TOLERANCE
 

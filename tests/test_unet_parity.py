@@ -1,6 +1,5 @@
 """UNet parity: the pack's UNet loader against diffusers' UNet2DConditionModel on identical inputs (fp32, <= 1e-5)."""
 
-import logging
 import os
 
 import pytest
@@ -9,13 +8,12 @@ import torch
 from conftest import pack
 from tiny_models import VARIANTS
 
-log = logging.getLogger(__name__)
 TOLERANCE = 1e-5
 node_module = pack.nodes
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_unet_matches_diffusers(name, model_folders):
+def test_unet_matches_diffusers(name, model_folders, record_parity):
     from diffusers import UNet2DConditionModel
     folder = model_folders[name]
     model = node_module.ChineseUNetLoader.execute(unet_name=f"{name}/unet", weight_dtype="fp32").args[0]
@@ -35,7 +33,7 @@ def test_unet_matches_diffusers(name, model_folders):
         worst = max(worst, diff)
         assert diff <= TOLERANCE, f"t={t}: max abs difference {diff}"
     assert ref.abs().max().item() > 0.1  # the comparison is not between two near-zero tensors
-    print(f"\nPARITY unet {name}: max abs diff {worst:.3g}")
+    record_parity(f"unet {name}", worst, TOLERANCE)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

@@ -1,0 +1,67 @@
+"""Single weights files (no folder around them) and the dtype options of the loaders."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import pack
+
+chinese_clip = pack.loaders.chinese_clip
+unet = pack.loaders.unet
+FOLDER = "csd_eps_safetensors"
+PROMPTS = ["中国山水画", "一只猫 a cat", ""]
+
+
+def encode_all(clip):
+    out = []
+    for p in PROMPTS:
+        tokens = clip.tokenize(p)
+        out.append(clip.encode_from_tokens(tokens))
+    return torch.cat(out)
+
+
+@pytest.fixture(scope="module")
+def folder_cond(model_folders):
+    sd, config, tok = chinese_clip.load_text_encoder(os.path.join(model_folders[FOLDER], "text_encoder"))
+    return encode_all(chinese_clip.build_clip(sd, config, tok, dtype=torch.float32))
+
+
+def test_lone_text_encoder_file_infers_its_shape(tmp_path, model_folders, folder_cond):
+    lone = tmp_path / "chinese_clip_text.safetensors"
+    shutil.copy(os.path.join(model_folders[FOLDER], "text_encoder", "model.safetensors"), lone)
+    sd, config, tok = chinese_clip.load_text_encoder(str(lone))
+    assert tok == chinese_clip.SHIPPED_TOKENIZER
+    assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"]) == (2, 1024, 16)
+    assert torch.equal(encode_all(chinese_clip.build_clip(sd, config, tok, dtype=torch.float32)), folder_cond)
+
+
+def test_lone_unet_file_matches_the_folder(tmp_path, model_folders):
+    lone = tmp_path / "chinese_sd_unet.safetensors"
+    shutil.copy(os.path.join(model_folders[FOLDER], "unet", "diffusion_pytorch_model.safetensors"), lone)
+    from_file = unet.load_unet(str(lone), dtype=torch.float32)
+    from_folder = unet.load_unet(os.path.join(model_folders[FOLDER], "unet"), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 52, 1024, generator=gen)
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        a = from_file.model.diffusion_model(x, timesteps=t, context=ctx)
+        b = from_folder.model.diffusion_model(x, timesteps=t, context=ctx)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float16, 2e-2), (torch.bfloat16, 1.5e-1)])
+def test_text_encoder_half_precision(model_folders, folder_cond, dtype, tolerance):
+    sd, config, tok = chinese_clip.load_text_encoder(os.path.join(model_folders[FOLDER], "text_encoder"))
+    clip = chinese_clip.build_clip(sd, config, tok, dtype=dtype, device="cpu")
+    weight = clip.cond_stage_model.chinese_clip.transformer.bert.encoder.layer[0].attention.self.query.weight
+    assert weight.dtype == dtype and weight.device.type == "cpu"
+    cond = encode_all(clip)
+    assert cond.dtype == torch.float32
+    assert (cond - folder_cond).abs().max().item() <= tolerance
+
+
+def test_unet_weight_dtype_option(model_folders):
+    model = pack.nodes.ChineseUNetLoader.execute(unet_name=f"{FOLDER}/unet", weight_dtype="fp16").args[0]
+    assert model.model.get_dtype() == torch.float16
