@@ -3,7 +3,7 @@
 import folder_paths
 from comfy_api.latest import io
 
-from ..loaders import chinese_clip
+from ..loaders import chinese_clip, text_tower
 from . import choices
 
 
@@ -31,8 +31,7 @@ class ChineseCLIPLoader(io.ComfyNode):
     @classmethod
     def execute(cls, clip_name, dtype="default", device="default") -> io.NodeOutput:
         path = choices.resolve_component(clip_name, "text_encoder", "text_encoders")
-        sd, bert_config, tokenizer_dir = chinese_clip.load_text_encoder(path)
-        clip = chinese_clip.build_clip(sd, bert_config, tokenizer_dir, dtype=choices.DTYPES[dtype],
+        clip = chinese_clip.build_clip(text_tower.read_text_encoder(path), dtype=choices.DTYPES[dtype],
                                        device=choices.DEVICES[device],
                                        embedding_directory=folder_paths.get_folder_paths("embeddings"))
         return io.NodeOutput(clip)

@@ -12,6 +12,7 @@ from conftest import pack
 
 ModelLoadError = pack.loaders.ModelLoadError
 chinese_clip = pack.loaders.chinese_clip
+text_tower = pack.loaders.text_tower
 unet = pack.loaders.unet
 modelscope = pack.loaders.modelscope
 weights = pack.loaders.weights
@@ -79,14 +80,14 @@ def test_missing_file(tmp_path):
 
 def test_unet_given_to_the_text_encoder_loader(model_folders):
     path = os.path.join(model_folders["csd_eps_safetensors"], "unet", "diffusion_pytorch_model.safetensors")
-    expect_error(lambda: chinese_clip.load_text_encoder(path), path, "a diffusers UNet", "Chinese-CLIP")
+    expect_error(lambda: text_tower.read_text_encoder(path), path, "a diffusers UNet", "Chinese-CLIP")
 
 
 def test_openclip_text_encoder_given_to_the_text_encoder_loader(tmp_path):
     path = tmp_path / "open_clip_h.safetensors"
     save_file({"text_model.encoder.layers.0.self_attn.q_proj.weight": torch.zeros(4, 4),
                "text_model.embeddings.token_embedding.weight": torch.zeros(8, 4)}, path)
-    expect_error(lambda: chinese_clip.load_text_encoder(str(path)), path, "OpenCLIP")
+    expect_error(lambda: text_tower.read_text_encoder(str(path)), path, "OpenCLIP")
 
 
 def test_text_encoder_given_to_the_unet_loader(model_folders):
@@ -100,7 +101,7 @@ def test_config_that_does_not_match_the_weights(tmp_path, model_folders):
     config = json.loads((te / "config.json").read_text(encoding="utf-8"))
     config["num_hidden_layers"] = 24
     (te / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    expect_error(lambda: chinese_clip.load_text_encoder(str(te)), "model.safetensors", "num_hidden_layers=2", "24")
+    expect_error(lambda: text_tower.read_text_encoder(str(te)), "model.safetensors", "num_hidden_layers=2", "24")
 
 
 def test_incomplete_text_encoder(tmp_path, model_folders):
@@ -108,13 +109,13 @@ def test_incomplete_text_encoder(tmp_path, model_folders):
     del sd["encoder.layer.1.output.dense.weight"]
     path = tmp_path / "partial.safetensors"
     save_file(sd, path)
-    expect_error(lambda: chinese_clip.load_text_encoder(str(path)), path, "1 missing tensors")
+    expect_error(lambda: text_tower.read_text_encoder(str(path)), path, "1 missing tensors")
 
 
 def test_vocabulary_that_does_not_fit(tmp_path, model_folders):
-    sd, config, _ = chinese_clip.load_text_encoder(os.path.join(model_folders["csd_eps_safetensors"], "text_encoder"))
     (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n", encoding="utf-8")
-    expect_error(lambda: chinese_clip.build_clip(sd, config, str(tmp_path)), "vocab.txt", "4 tokens", "21128")
+    te = os.path.join(model_folders["csd_eps_safetensors"], "text_encoder")
+    expect_error(lambda: text_tower.read_text_encoder(te, tokenizer_dir=str(tmp_path)), "vocab.txt", "4 tokens", "21128")
 
 
 def test_unsupported_scheduler_config(tmp_path):

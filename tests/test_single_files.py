@@ -9,6 +9,7 @@ import torch
 from conftest import pack
 
 chinese_clip = pack.loaders.chinese_clip
+text_tower = pack.loaders.text_tower
 unet = pack.loaders.unet
 FOLDER = "csd_eps_safetensors"
 PROMPTS = ["中国山水画", "一只猫 a cat", ""]
@@ -24,17 +25,18 @@ def encode_all(clip):
 
 @pytest.fixture(scope="module")
 def folder_cond(model_folders):
-    sd, config, tok = chinese_clip.load_text_encoder(os.path.join(model_folders[FOLDER], "text_encoder"))
-    return encode_all(chinese_clip.build_clip(sd, config, tok, dtype=torch.float32))
+    tower = text_tower.read_text_encoder(os.path.join(model_folders[FOLDER], "text_encoder"))
+    return encode_all(chinese_clip.build_clip(tower, dtype=torch.float32))
 
 
 def test_lone_text_encoder_file_infers_its_shape(tmp_path, model_folders, folder_cond):
     lone = tmp_path / "chinese_clip_text.safetensors"
     shutil.copy(os.path.join(model_folders[FOLDER], "text_encoder", "model.safetensors"), lone)
-    sd, config, tok = chinese_clip.load_text_encoder(str(lone))
-    assert tok == chinese_clip.SHIPPED_TOKENIZER
-    assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"]) == (2, 1024, 16)
-    assert torch.equal(encode_all(chinese_clip.build_clip(sd, config, tok, dtype=torch.float32)), folder_cond)
+    tower = text_tower.read_text_encoder(str(lone))
+    assert tower.tokenizer_dir == text_tower.SHIPPED_TOKENIZER and tower.recipe == text_tower.MODELSCOPE
+    shape = (tower.config["num_hidden_layers"], tower.config["hidden_size"], tower.config["num_attention_heads"])
+    assert shape == (2, 1024, 16)
+    assert torch.equal(encode_all(chinese_clip.build_clip(tower, dtype=torch.float32)), folder_cond)
 
 
 def test_lone_unet_file_matches_the_folder(tmp_path, model_folders):
@@ -53,8 +55,8 @@ def test_lone_unet_file_matches_the_folder(tmp_path, model_folders):
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float16, 2e-2), (torch.bfloat16, 1.5e-1)])
 def test_text_encoder_half_precision(model_folders, folder_cond, dtype, tolerance):
-    sd, config, tok = chinese_clip.load_text_encoder(os.path.join(model_folders[FOLDER], "text_encoder"))
-    clip = chinese_clip.build_clip(sd, config, tok, dtype=dtype, device="cpu")
+    tower = text_tower.read_text_encoder(os.path.join(model_folders[FOLDER], "text_encoder"))
+    clip = chinese_clip.build_clip(tower, dtype=dtype, device="cpu")
     weight = clip.cond_stage_model.chinese_clip.transformer.bert.encoder.layer[0].attention.self.query.weight
     assert weight.dtype == dtype and weight.device.type == "cpu"
     cond = encode_all(clip)

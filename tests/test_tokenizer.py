@@ -24,7 +24,7 @@ def _ids(tokenizer, prompt, mode="truncate"):
 def test_shipped_vocab_is_chinese_clips():
     import tiny_models
     with open(tiny_models.chinese_clip_vocab(), encoding="utf-8") as a, \
-            open(os.path.join(chinese_clip.SHIPPED_TOKENIZER, "vocab.txt"), encoding="utf-8") as b:
+            open(os.path.join(pack.loaders.text_tower.SHIPPED_TOKENIZER, "vocab.txt"), encoding="utf-8") as b:
         assert a.read() == b.read()
 
 

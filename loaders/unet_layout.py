@@ -1,0 +1,176 @@
+"""UNet files without ComfyUI objects: diffusers -> LDM layout and config, heads, scheduler settings.
+
+Pure file handling shared by the UNet loader and the converter. The UNet shape comes from the
+weights (and config.json for the attention heads), the prediction type and beta schedule from the
+scheduler config: never from ComfyUI's fixed table of known UNet sizes nor from its
+weight-statistics guess of v-prediction.
+"""
+
+import comfy.utils
+
+from .errors import ModelLoadError
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# diffusers beta_schedule -> ComfyUI beta_schedule (ComfyUI's "linear" is diffusers' "scaled_linear")
+BETA_SCHEDULES = {"scaled_linear": "linear", "linear": "sqrt_linear", "squaredcos_cap_v2": "squaredcos_cap_v2"}
+# Stable Diffusion's training schedule, used when nothing says otherwise
+SD_SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                "num_train_timesteps": 1000, "rescale_betas_zero_snr": False}
+# ComfyUI model family by cross-attention width: SD2.x (1024, e.g. Chinese-CLIP ViT-H's text tower), SD1.x (768)
+FAMILY_NAMES = {1024: "sd2.x", 768: "sd1.x"}
+
+
+def scheduler_settings(cfg, path):
+    """(prediction type, normalized diffusers schedule settings) from a diffusers scheduler config."""
+    prediction = cfg.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise ModelLoadError(path, f"prediction_type '{prediction}'", f"one of {', '.join(PREDICTION_TYPES)}")
+    if cfg.get("trained_betas") is not None:
+        raise ModelLoadError(path, "an explicit trained_betas list", "a beta_schedule with beta_start/beta_end")
+    schedule = cfg.get("beta_schedule", "linear")  # diffusers' defaults
+    if schedule not in BETA_SCHEDULES:
+        raise ModelLoadError(path, f"beta_schedule '{schedule}'", f"one of {', '.join(BETA_SCHEDULES)}")
+    return prediction, {
+        "beta_schedule": schedule,
+        "beta_start": float(cfg.get("beta_start", 0.0001)),
+        "beta_end": float(cfg.get("beta_end", 0.02)),
+        "num_train_timesteps": int(cfg.get("num_train_timesteps", 1000)),
+        "rescale_betas_zero_snr": bool(cfg.get("rescale_betas_zero_snr", False)),
+    }
+
+
+def comfy_sampling(settings):
+    """ComfyUI sampling_settings for ModelSamplingDiscrete from normalized diffusers settings."""
+    return {"beta_schedule": BETA_SCHEDULES[settings["beta_schedule"]], "linear_start": settings["beta_start"],
+            "linear_end": settings["beta_end"], "timesteps": settings["num_train_timesteps"],
+            "zsnr": settings["rescale_betas_zero_snr"]}
+
+
+def _count(keys, prefix):
+    """How many consecutive numbered children prefix0., prefix1., ... the keys have."""
+    n = 0
+    while any(k.startswith(f"{prefix}{n}.") for k in keys):
+        n += 1
+    return n
+
+
+def ldm_config_from_diffusers(sd, path):
+    """ComfyUI UNetModel config for a diffusers UNet2DConditionModel state dict of any size."""
+    keys = list(sd.keys())
+    if any(k.startswith(("class_embedding.", "add_embedding.")) for k in keys):
+        raise ModelLoadError(path, "a UNet with class/added embeddings (SDXL or unCLIP style)",
+                             "a text-conditioned SD1.x/SD2.x-style UNet")
+    model_channels, in_channels = sd["conv_in.weight"].shape[:2]
+    out_channels = sd["conv_out.weight"].shape[0]
+    context_dim, linear = None, None
+    num_res_blocks, channel_mult, transformer_depth, output_depths = [], [], [], []
+
+    def depth(prefix):
+        nonlocal context_dim, linear
+        d = _count(keys, prefix + "transformer_blocks.")
+        if d:
+            k = prefix + "transformer_blocks.0.attn2.to_k.weight"
+            if k not in sd:
+                raise ModelLoadError(path, f"a transformer block without cross-attention ('{k}' missing)",
+                                     "a text-conditioned UNet")
+            context_dim = sd[k].shape[1]
+            linear = sd[prefix + "proj_in.weight"].ndim == 2
+        return d
+
+    n_down = _count(keys, "down_blocks.")
+    for i in range(n_down):
+        res = _count(keys, f"down_blocks.{i}.resnets.")
+        has_attn = _count(keys, f"down_blocks.{i}.attentions.") > 0
+        num_res_blocks.append(res)
+        channel_mult.append(sd[f"down_blocks.{i}.resnets.0.conv2.weight"].shape[0] // model_channels)
+        transformer_depth += [depth(f"down_blocks.{i}.attentions.{j}.") if has_attn else 0 for j in range(res)]
+    if _count(keys, "up_blocks.") != n_down:
+        raise ModelLoadError(path, "different numbers of down and up blocks", "a symmetric SD UNet")
+    for i in range(n_down):
+        res = _count(keys, f"up_blocks.{i}.resnets.")
+        if res != num_res_blocks[n_down - 1 - i] + 1:
+            raise ModelLoadError(path, f"up block {i} with {res} resnets", "one more resnet per up block than its down block")
+        has_attn = _count(keys, f"up_blocks.{i}.attentions.") > 0
+        output_depths += [depth(f"up_blocks.{i}.attentions.{j}.") if has_attn else 0 for j in range(res)]
+
+    if "mid_block.attentions.0.proj_in.weight" in sd:
+        middle = depth("mid_block.attentions.0.")
+    elif "mid_block.resnets.0.conv1.weight" in sd:
+        middle = -1
+    else:
+        middle = -2
+    if context_dim is None:
+        raise ModelLoadError(path, "a UNet without cross-attention", "a text-conditioned UNet")
+
+    return {
+        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+        "adm_in_channels": None, "in_channels": in_channels, "out_channels": out_channels,
+        "model_channels": model_channels, "num_res_blocks": num_res_blocks, "channel_mult": channel_mult,
+        "transformer_depth": transformer_depth,
+        # ComfyUI lists output-block depths shallowest first (it consumes them from the end)
+        "transformer_depth_output": output_depths[::-1],
+        "transformer_depth_middle": middle, "use_linear_in_transformer": linear, "context_dim": context_dim,
+        "use_temporal_resblock": False, "use_temporal_attention": False,
+    }
+
+
+def heads_from_config(config, unet_config, path):
+    """ComfyUI's num_heads/num_head_channels from a diffusers UNet config.json (None if it doesn't say)."""
+    heads = config.get("num_attention_heads") or config.get("attention_head_dim")  # diffusers' legacy naming
+    if heads is None:
+        return None
+    channels = [unet_config["model_channels"] * m for m in unet_config["channel_mult"]]
+    if isinstance(heads, int):
+        heads = [heads] * len(channels)
+    if len(heads) != len(channels) or any(c % h for c, h in zip(channels, heads)):
+        raise ModelLoadError(path, f"attention heads {heads} for block widths {channels}",
+                             "head counts that divide each block's width")
+    dims = {c // h for c, h in zip(channels, heads)}
+    if len(dims) == 1:
+        return {"num_head_channels": dims.pop(), "num_heads": -1}
+    if len(set(heads)) == 1:
+        return {"num_heads": heads[0], "num_head_channels": -1}
+    raise ModelLoadError(path, f"attention heads {heads} for block widths {channels}",
+                         "either one head width or one head count for all blocks")
+
+
+def check_diffusers_config(config, path):
+    """Refuse UNet2DConditionModel options ComfyUI's UNetModel does not implement."""
+    unsupported = {
+        "class_embed_type": None, "addition_embed_type": None, "encoder_hid_dim": None,
+        "time_embedding_type": "positional", "resnet_time_scale_shift": "default",
+        "dual_cross_attention": False, "only_cross_attention": False, "norm_num_groups": 32,
+        "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "norm_eps": 1e-5,
+        "center_input_sample": False, "mid_block_scale_factor": 1, "time_cond_proj_dim": None,
+        "attention_type": "default", "conv_in_kernel": 3, "conv_out_kernel": 3,
+    }
+    for key, default in unsupported.items():
+        value = config.get(key, default)
+        if isinstance(value, list) and key == "only_cross_attention":
+            value = any(value)
+        if value != default:
+            raise ModelLoadError(path, f"{key}={value!r}", f"{key}={default!r} (a standard SD1.x/SD2.x UNet)")
+
+
+def diffusers_to_ldm(sd, path):
+    """(LDM-layout state dict, ComfyUI unet_config) from a diffusers UNet2DConditionModel state dict."""
+    unet_config = ldm_config_from_diffusers(sd, path)
+    mapping = comfy.utils.unet_to_diffusers(unet_config)
+    unknown = sorted(k for k in sd if k not in mapping)
+    if unknown:
+        raise ModelLoadError(path, f"{len(unknown)} tensors this UNet shape has no place for "
+                             f"(e.g. '{unknown[0]}')", "a standard diffusers UNet2DConditionModel")
+    return {mapping[k]: v for k, v in sd.items()}, unet_config
+
+
+def family_name(unet_config, path):
+    name = FAMILY_NAMES.get(unet_config["context_dim"])
+    if name is None:
+        raise ModelLoadError(path, f"a UNet with cross-attention width {unet_config['context_dim']}",
+                             "768 (SD1.x family) or 1024 (SD2.x family, Chinese-CLIP ViT-H)")
+    return name
+
+
+def default_heads(family):
+    """What ComfyUI's SD1.x/SD2.x model classes assume when nothing says otherwise."""
+    return {"num_head_channels": 64, "num_heads": -1} if family == "sd2.x" else {"num_heads": 8, "num_head_channels": -1}

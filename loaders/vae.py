@@ -1,0 +1,29 @@
+"""The SD VAE as a comfy.sd.VAE (ComfyUI converts diffusers keys itself)."""
+
+import os
+
+import comfy.sd
+
+from .errors import ModelLoadError
+from .weights import describe_keys, read_json, read_state_dict, weights_in_folder
+
+_VAE_KEYS = ("decoder.up_blocks.0.resnets.0.norm1.weight", "decoder.up.0.block.0.norm1.weight")
+
+
+def build_vae(sd, path):
+    if not any(k in sd for k in _VAE_KEYS):
+        raise ModelLoadError(path, describe_keys(sd), "an SD VAE (AutoencoderKL)")
+    try:
+        vae = comfy.sd.VAE(sd=sd)
+        vae.throw_exception_if_invalid()
+    except RuntimeError as e:
+        raise ModelLoadError(path, f"weights ComfyUI's VAE cannot use ({e})", "an SD VAE (AutoencoderKL)") from None
+    return vae
+
+
+def read_vae_folder(folder):
+    """(state dict, weights path, latent scaling factor or None) of a diffusers vae/ folder."""
+    weights = weights_in_folder(folder)
+    config_path = os.path.join(folder, "config.json")
+    scale = read_json(config_path).get("scaling_factor") if os.path.isfile(config_path) else None
+    return read_state_dict(weights), weights, scale
