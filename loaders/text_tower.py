@@ -232,25 +232,38 @@ def read_text_encoder(path, tokenizer_dir=None, recipe=None):
     else:
         folder, weights = os.path.dirname(path), path
     meta = metadata.read_text_encoder(read_metadata(weights), weights)
-    config_path = os.path.join(folder, "config.json")
-    config = read_json(config_path) if os.path.isfile(config_path) and meta is None else {}
     if meta is not None:
-        config = meta["config"]
+        return tower_from(read_state_dict(weights, keep=_text_tower_key), meta, weights, tokenizer_dir, recipe)
+    config_path = os.path.join(folder, "config.json")
+    config = read_json(config_path) if os.path.isfile(config_path) else {}
     sd = normalize_keys(read_state_dict(weights, keep=_text_tower_key), weights)
     bert_config = bert_config_from(sd, config, weights)
     check_complete(sd, bert_config, weights)
-
     model_folder = os.path.dirname(os.path.normpath(folder))
     if tokenizer_dir is None:
-        if meta is not None and meta["tokenizer"]:
-            tokenizer_dir = materialize_tokenizer(meta["tokenizer"])
-        else:
-            tokenizer_dir = tokenizer_folder([folder, os.path.join(model_folder, "tokenizer")])
+        tokenizer_dir = tokenizer_folder([folder, os.path.join(model_folder, "tokenizer")])
     if recipe is None:
-        if meta is not None:
-            recipe = meta["recipe"]
-        else:
-            text_config = config.get("text_config", config) if isinstance(config, dict) else {}
-            recipe = recipe_for_folder(model_folder, tokenizer_dir, text_config)
+        recipe = recipe_for_folder(model_folder, tokenizer_dir, config.get("text_config", config))
     special_tokens(tokenizer_dir, bert_config["vocab_size"])
     return TextTower(sd, bert_config, tokenizer_dir, recipe, weights)
+
+
+def tower_from(sd, meta, path, tokenizer_dir=None, recipe=None):
+    """A TextTower from tensors and the converter's metadata (metadata.read_text_encoder)."""
+    sd = normalize_keys(sd, path)
+    bert_config = bert_config_from(sd, meta["config"], path)
+    check_complete(sd, bert_config, path)
+    if tokenizer_dir is None:
+        tokenizer_dir = materialize_tokenizer(meta["tokenizer"]) if meta["tokenizer"] else SHIPPED_TOKENIZER
+    special_tokens(tokenizer_dir, bert_config["vocab_size"])
+    return TextTower(sd, bert_config, tokenizer_dir, recipe or meta["recipe"], path)
+
+
+def embedded_tokenizer(tokenizer_dir):
+    """The tokenizer files a converted file must carry: none when they are the ones shipped with the pack."""
+    files = tokenizer_files(tokenizer_dir)
+    shipped = tokenizer_files(SHIPPED_TOKENIZER)
+    lower = json.loads(files.get("tokenizer_config.json", "{}")).get("do_lower_case", True)
+    if files.get("vocab.txt") == shipped["vocab.txt"] and lower:
+        return {}
+    return files

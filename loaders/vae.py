@@ -2,8 +2,6 @@
 
 import os
 
-import comfy.sd
-
 from .errors import ModelLoadError
 from .weights import describe_keys, read_json, read_state_dict, weights_in_folder
 
@@ -11,6 +9,7 @@ _VAE_KEYS = ("decoder.up_blocks.0.resnets.0.norm1.weight", "decoder.up.0.block.0
 
 
 def build_vae(sd, path):
+    import comfy.sd  # imported here so that the converter can read VAE folders without ComfyUI's device setup
     if not any(k in sd for k in _VAE_KEYS):
         raise ModelLoadError(path, describe_keys(sd), "an SD VAE (AutoencoderKL)")
     try:

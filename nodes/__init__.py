@@ -5,9 +5,9 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from .text_encoder import ChineseCLIPLoader, ChineseCLIPTextEncode
-from .unet import ChineseUNetLoader, ModelScopeLoader
+from .model_loaders import CheckpointLoader, ChineseUNetLoader, ModelScopeLoader
 
-NODES = [ChineseCLIPLoader, ChineseCLIPTextEncode, ChineseUNetLoader, ModelScopeLoader]
+NODES = [ChineseCLIPLoader, ChineseCLIPTextEncode, ChineseUNetLoader, ModelScopeLoader, CheckpointLoader]
 
 
 class ChineseSDExtension(ComfyExtension):

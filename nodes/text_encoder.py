@@ -55,6 +55,7 @@ class ChineseCLIPTextEncode(io.ComfyNode):
                                        "52-token windows, ComfyUI style."),
             ],
             outputs=[io.Conditioning.Output()],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -63,4 +64,20 @@ class ChineseCLIPTextEncode(io.ComfyNode):
             raise RuntimeError("ERROR: clip input is invalid: None\n\nIf the clip is from a checkpoint loader node "
                                "your checkpoint does not contain a valid clip or text encoder model.")
         tokens = clip.tokenize(text, tokenizer_options={chinese_clip.LONG_PROMPT_OPTION: long_prompt})
+        recipe = chinese_clip.recipe_of(clip)
+        if recipe is not None:
+            show_on_node(cls.hidden.unique_id if cls.hidden else None, f"recipe: {recipe}")
         return io.NodeOutput(clip.encode_from_tokens_scheduled(tokens))
+
+
+def show_on_node(node_id, text):
+    """Text shown on the node in the running UI (as ComfyUI's own Get Image Size does)."""
+    if node_id is None:
+        return
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    instance = getattr(PromptServer, "instance", None)
+    if instance is not None:
+        instance.send_progress_text(text, node_id)

@@ -9,6 +9,8 @@ import torch
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_NAME = "comfyui_chinese_sd"
+NODE_IDS = ("ChineseSD_CLIPLoader", "ChineseSD_CLIPTextEncode", "ChineseSD_UNetLoader", "ChineseSD_ModelScopeLoader",
+            "ChineseSD_CheckpointLoader")
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 CACHE_DIR = os.environ.get("CNSD_TEST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "comfyui-chinese-sd-tests")
 

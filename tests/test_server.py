@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from comfy_server import ComfyServer, ui_to_api
-from conftest import COMFYUI_PATH
+from conftest import COMFYUI_PATH, NODE_IDS
 
 WIDTH, HEIGHT = 64, 48
 
@@ -71,8 +71,7 @@ def errors(entry):
 
 def test_nodes_are_registered_with_the_model_folders(server):
     info = server.get_json("/object_info")
-    for node_id in ("ChineseSD_CLIPLoader", "ChineseSD_CLIPTextEncode", "ChineseSD_UNetLoader",
-                    "ChineseSD_ModelScopeLoader"):
+    for node_id in NODE_IDS:
         assert node_id in info
     def options(node_id, name):
         spec = info[node_id]["input"]["required"][name]
@@ -144,8 +143,7 @@ def test_shipped_workflow_runs_as_users_share_it(server):
 def test_chinese_translations_are_served(server):
     zh = server.get_json("/i18n")["zh"]["nodeDefs"]
     info = server.get_json("/object_info")
-    for node_id in ("ChineseSD_CLIPLoader", "ChineseSD_CLIPTextEncode", "ChineseSD_UNetLoader",
-                    "ChineseSD_ModelScopeLoader"):
+    for node_id in NODE_IDS:
         assert zh[node_id]["display_name"]
         schema_inputs = {**info[node_id]["input"]["required"], **info[node_id]["input"].get("optional", {})}
         assert set(zh[node_id]["inputs"]) == set(schema_inputs)

@@ -1,9 +1,9 @@
-"""Chinese UNet loader and the one-node ModelScope folder loader."""
+"""Chinese UNet loader, the one-node ModelScope folder loader and the single-file checkpoint loader."""
 
 import folder_paths
 from comfy_api.latest import io
 
-from ..loaders import modelscope, unet
+from ..loaders import checkpoint, modelscope, unet
 from . import choices
 
 
@@ -58,6 +58,36 @@ class ModelScopeLoader(io.ComfyNode):
         folder = choices.resolve_model_folder(model_folder)
         model, clip, vae = modelscope.load_folder(
             folder, prediction=prediction, unet_dtype=choices.DTYPES[unet_dtype],
+            clip_dtype=choices.DTYPES[text_encoder_dtype],
+            embedding_directory=folder_paths.get_folder_paths("embeddings"))
+        return io.NodeOutput(model, clip, vae)
+
+
+class CheckpointLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ChineseSD_CheckpointLoader",
+            display_name="Load Chinese SD Checkpoint",
+            category="loaders/Chinese Stable Diffusion",
+            description="Loads UNet, Chinese-CLIP text encoder and VAE from one .safetensors file in "
+                        "models/checkpoints/ written by this pack's converter (python -m loaders.convert); "
+                        "prediction type and noise schedule come from the file's metadata.",
+            inputs=[
+                io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints")),
+                io.Combo.Input("prediction", options=choices.PREDICTIONS, default="auto",
+                               tooltip="auto uses the prediction type recorded in the file."),
+                io.Combo.Input("unet_dtype", options=list(choices.DTYPES), default="default"),
+                io.Combo.Input("text_encoder_dtype", options=list(choices.DTYPES), default="default"),
+            ],
+            outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
+        )
+
+    @classmethod
+    def execute(cls, ckpt_name, prediction="auto", unet_dtype="default", text_encoder_dtype="default") -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
+        model, clip, vae = checkpoint.load_checkpoint(
+            path, prediction=prediction, unet_dtype=choices.DTYPES[unet_dtype],
             clip_dtype=choices.DTYPES[text_encoder_dtype],
             embedding_directory=folder_paths.get_folder_paths("embeddings"))
         return io.NodeOutput(model, clip, vae)

@@ -1,0 +1,40 @@
+"""An all-in-one Chinese SD checkpoint written by the converter -> (MODEL, CLIP, VAE)."""
+
+import os
+
+from . import chinese_clip, metadata, text_tower, unet
+from .convert import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from .errors import ModelLoadError
+from .vae import build_vae
+from .weights import describe_keys, read_metadata, read_state_dict
+
+
+def load_checkpoint(path, prediction="auto", unet_dtype=None, clip_dtype=None, clip_device=None,
+                    embedding_directory=None):
+    path = os.fspath(path)
+    meta = read_metadata(path)
+    expected = "an all-in-one Chinese SD checkpoint written by this pack's converter (python -m loaders.convert)"
+    if metadata.version(meta, path) is None:
+        found = "no chinese_sd metadata" if path.lower().endswith((".safetensors", ".sft")) else "a non-safetensors file"
+        raise ModelLoadError(path, found, expected)
+    kind = meta.get(metadata.P + "kind")
+    if kind != "checkpoint":
+        raise ModelLoadError(path, f"a converted '{kind}' file", expected + " (split files go through the "
+                             "UNet / text encoder / VAE loaders)")
+    sd = read_state_dict(path)
+    parts = {prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+             for prefix in (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX)}
+    empty = [p for p, part in parts.items() if not part]
+    if empty:
+        raise ModelLoadError(path, f"{describe_keys(sd)} with nothing under {', '.join(empty)}", expected)
+
+    unet_meta = metadata.read_unet(meta, path)
+    unet_sd, unet_config = unet.ldm_unet(parts[UNET_PREFIX], path)
+    unet_file = unet.UNetFile(unet_sd, unet_config, unet_meta["heads"], path, unet_meta)
+    prediction, settings = unet.resolve_sampling(None, prediction, unet_meta)
+    model = unet.build_model(unet_file, prediction, settings, dtype=unet_dtype, latent_scale=unet_meta["latent_scale"])
+
+    tower = text_tower.tower_from(parts[TEXT_PREFIX], metadata.read_text_encoder(meta, path), path)
+    clip = chinese_clip.build_clip(tower, dtype=clip_dtype, device=clip_device, embedding_directory=embedding_directory)
+    vae = build_vae(parts[VAE_PREFIX], path)
+    return model, clip, vae
