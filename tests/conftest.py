@@ -74,3 +74,17 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("parity: measured max abs differences")
         for what, value, threshold in _PARITY:
             terminalreporter.write_line(f"{what}: {value:.3g} (threshold {threshold:g})")
+
+
+@pytest.fixture(scope="session")
+def converted(model_folders, tmp_path_factory):
+    """convert(variant, dtype) -> {kind: path}: the converter's output for a tiny model (cached per session)."""
+    done = {}
+
+    def convert(variant, dtype):
+        if (variant, dtype) not in done:
+            models_dir = tmp_path_factory.mktemp(f"models_{variant}_{dtype}")
+            done[variant, dtype] = pack.loaders.convert.convert_folder(model_folders[variant], str(models_dir),
+                                                                       dtype=dtype)
+        return done[variant, dtype]
+    return convert
