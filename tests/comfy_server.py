@@ -151,3 +151,43 @@ def ui_to_api(workflow, object_info):
                         values.pop(0)
         api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return api
+
+
+def run_prompt_with_messages(server, workflow, timeout=300):
+    """Queue a workflow while listening on the websocket; returns (history entry, {node id: [texts]})
+    of the progress texts nodes showed (ComfyUI's binary TEXT events)."""
+    import asyncio
+    import struct
+
+    import aiohttp
+
+    client_id = uuid.uuid4().hex
+    texts = {}
+
+    async def listen():
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{server.url}/ws?clientId={client_id}") as ws:
+                status, body = await asyncio.to_thread(server.post_json, "/prompt",
+                                                       {"prompt": workflow, "client_id": client_id})
+                assert status == 200, body
+                prompt_id = body["prompt_id"]
+                deadline = time.time() + timeout
+                while time.time() < deadline:
+                    msg = await ws.receive(timeout=max(1.0, deadline - time.time()))
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        (event,) = struct.unpack(">I", msg.data[:4])
+                        if event == 3:  # TEXT: node id length, node id, text
+                            (n,) = struct.unpack(">I", msg.data[4:8])
+                            node_id = msg.data[8:8 + n].decode("utf-8")
+                            texts.setdefault(node_id, []).append(msg.data[8 + n:].decode("utf-8"))
+                    elif msg.type == aiohttp.WSMsgType.TEXT:
+                        data = json.loads(msg.data)
+                        if data["type"] in ("execution_success", "execution_error") and \
+                                data["data"].get("prompt_id") == prompt_id:
+                            return prompt_id
+                    elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                        raise RuntimeError("websocket closed")
+                raise TimeoutError("prompt did not finish")
+
+    prompt_id = asyncio.run(listen())
+    return server.get_json(f"/history/{prompt_id}")[prompt_id], texts

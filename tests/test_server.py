@@ -8,26 +8,27 @@ import shutil
 import pytest
 from PIL import Image
 
-from comfy_server import ComfyServer, ui_to_api
+from comfy_server import ComfyServer, run_prompt_with_messages, ui_to_api
 from conftest import COMFYUI_PATH, NODE_IDS
 
 WIDTH, HEIGHT = 64, 48
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, fixture_root):
+def server(tmp_path_factory, fixture_root, converted):
     work = tmp_path_factory.mktemp("comfy")
-    broken = work / "models"
-    (broken / "diffusion_models").mkdir(parents=True)
-    (broken / "text_encoders").mkdir(parents=True)
+    models = work / "models"
+    for kind, path in converted("csd_v_bin", "fp16").items():  # the converter's files, where it puts them
+        target = models / os.path.basename(os.path.dirname(path)) / os.path.basename(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(path, target)
     # what users get wrong: a download cut short, a file of the wrong kind
-    (broken / "diffusion_models" / "truncated.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    (models / "diffusion_models" / "truncated.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":")
     vae_file = os.path.join(fixture_root, "csd_eps_safetensors", "vae", "diffusion_pytorch_model.safetensors")
-    shutil.copy(vae_file, broken / "text_encoders" / "中文_vae_not_a_text_encoder.safetensors")
+    shutil.copy(vae_file, models / "text_encoders" / "中文_vae_not_a_text_encoder.safetensors")
     srv = ComfyServer(COMFYUI_PATH, str(work), {
         "diffusers": fixture_root,
-        "diffusion_models": str(broken / "diffusion_models"),
-        "text_encoders": str(broken / "text_encoders"),
+        **{kind: str(models / kind) for kind in ("checkpoints", "diffusion_models", "text_encoders", "vae")},
     }, env={"PYTHONIOENCODING": "gbk"})  # a Chinese Windows console's encoding must not crash anything
     try:
         srv.wait_ready()
@@ -82,7 +83,7 @@ def test_nodes_are_registered_with_the_model_folders(server):
     assert "csd_eps_safetensors/text_encoder" in options("ChineseSD_CLIPLoader", "clip_name")
 
 
-@pytest.mark.parametrize("name", ["csd_eps_safetensors", "csd_v_bin"])
+@pytest.mark.parametrize("name", ["csd_eps_safetensors", "csd_v_bin", "sd1_bert"])
 def test_txt2img_with_the_folder_loader_returns_a_png(server, name):
     entry = server.run_prompt(txt2img(folder_loader(name), ["load", 1], ["load", 0], ["load", 2]))
     img = assert_png(server, entry, (WIDTH, HEIGHT))
@@ -147,3 +148,27 @@ def test_chinese_translations_are_served(server):
         assert zh[node_id]["display_name"]
         schema_inputs = {**info[node_id]["input"]["required"], **info[node_id]["input"].get("optional", {})}
         assert set(zh[node_id]["inputs"]) == set(schema_inputs)
+
+
+def test_converted_checkpoint_and_split_files(server):
+    ckpt = {"load": {"class_type": "ChineseSD_CheckpointLoader", "inputs": {
+        "ckpt_name": "csd_v_bin.safetensors", "prediction": "auto", "unet_dtype": "default",
+        "text_encoder_dtype": "default"}}}
+    assert_png(server, server.run_prompt(txt2img(ckpt, ["load", 1], ["load", 0], ["load", 2])), (WIDTH, HEIGHT))
+
+    split = {
+        "unet": {"class_type": "ChineseSD_UNetLoader", "inputs": {
+            "unet_name": "csd_v_bin_unet.safetensors", "prediction": "auto", "weight_dtype": "default"}},
+        "clip": {"class_type": "ChineseSD_CLIPLoader", "inputs": {
+            "clip_name": "csd_v_bin_chinese_clip.safetensors", "dtype": "default", "device": "default"}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "csd_v_bin_vae.safetensors"}},  # stock node
+    }
+    assert_png(server, server.run_prompt(txt2img(split, ["clip", 0], ["unet", 0], ["vae", 0])), (WIDTH, HEIGHT))
+
+
+def test_encode_node_shows_its_recipe(server):
+    entry, texts = run_prompt_with_messages(server, txt2img(folder_loader(), ["load", 1], ["load", 0], ["load", 2],
+                                                            seed=11))
+    assert entry["status"]["status_str"] == "success"
+    for node in ("pos", "neg"):
+        assert texts.get(node) == ["recipe: ModelScope Chinese SD pipeline: 52 tokens, attention mask"]

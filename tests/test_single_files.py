@@ -67,3 +67,21 @@ def test_text_encoder_half_precision(model_folders, folder_cond, dtype, toleranc
 def test_unet_weight_dtype_option(model_folders):
     model = pack.nodes.ChineseUNetLoader.execute(unet_name=f"{FOLDER}/unet", weight_dtype="fp16").args[0]
     assert model.model.get_dtype() == torch.float16
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_ldm_layout_unet_file_without_metadata(tmp_path, model_folders, prefix):
+    """A UNet in ComfyUI's own (LDM) key layout, bare or under a checkpoint's prefix, loads like the folder."""
+    from safetensors.torch import save_file
+    folder_unet = unet.read_unet(os.path.join(model_folders[FOLDER], "unet"))
+    path = tmp_path / "ldm_unet.safetensors"
+    save_file({prefix + k: v.contiguous() for k, v in folder_unet.sd.items()}, path)
+    scheduler = os.path.join(model_folders[FOLDER], "scheduler", "scheduler_config.json")
+    from_ldm = unet.load_unet(str(path), dtype=torch.float32, scheduler_config=scheduler)
+    from_folder = unet.load_unet(os.path.join(model_folders[FOLDER], "unet"), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(2)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 52, 1024, generator=gen)
+    with torch.no_grad():
+        a = from_ldm.model.diffusion_model(x, timesteps=torch.tensor([300.0]), context=ctx)
+        b = from_folder.model.diffusion_model(x, timesteps=torch.tensor([300.0]), context=ctx)
+    assert torch.equal(a, b)

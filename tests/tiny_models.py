@@ -17,11 +17,19 @@ import shutil
 
 import torch
 
-VARIANTS = {
+VARIANTS = {  # ModelScope Chinese SD layout
     # name: (weight format, prediction type, beta_end)
     "csd_eps_safetensors": ("safetensors", "epsilon", 0.012),
     "csd_v_bin": ("bin", "v_prediction", 0.014),
 }
+SD1_VARIANT = "sd1_bert"  # a Taiyi-style SD1.x model: BERT text tower, stock diffusers pipeline layout
+SD1_TEXT_CONFIG = dict(vocab_size=21128, hidden_size=768, num_hidden_layers=2, num_attention_heads=12,
+                       intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2)
+SD1_UNET_CONFIG = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+                       block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768,
+                       attention_head_dim=8, use_linear_projection=False, norm_num_groups=32)
+SD1_MAX_LENGTH = 77
 TEXT_CONFIG = dict(vocab_size=21128, hidden_size=1024, num_hidden_layers=2, num_attention_heads=16,
                    intermediate_size=4096, max_position_embeddings=512, type_vocab_size=2,
                    hidden_act="gelu", layer_norm_eps=1e-12, pad_token_id=0)
@@ -58,21 +66,43 @@ def _save_text_encoder(dest, fmt):
     BertTokenizer(chinese_clip_vocab(), do_lower_case=True).save_pretrained(os.path.join(dest, "tokenizer"))
 
 
-def _save_unet(dest, fmt):
+def _unet(config):
     from diffusers import UNet2DConditionModel
     torch.manual_seed(2)
-    unet = UNet2DConditionModel(**UNET_CONFIG).eval()
+    unet = UNet2DConditionModel(**config).eval()
     with torch.no_grad():  # diffusers leaves norms at 1/0; give every tensor a non-trivial value
         for p in unet.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    unet.save_pretrained(os.path.join(dest, "unet"), safe_serialization=fmt == "safetensors")
+    return unet
+
+
+def _save_unet(dest, fmt):
+    _unet(UNET_CONFIG).save_pretrained(os.path.join(dest, "unet"), safe_serialization=fmt == "safetensors")
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+    torch.manual_seed(3)
+    return AutoencoderKL(**VAE_CONFIG).eval().half()
 
 
 def _save_vae(dest, fmt):
-    from diffusers import AutoencoderKL
-    torch.manual_seed(3)
-    vae = AutoencoderKL(**VAE_CONFIG).eval().half()
-    vae.save_pretrained(os.path.join(dest, "vae"), safe_serialization=fmt == "safetensors")
+    _vae().save_pretrained(os.path.join(dest, "vae"), safe_serialization=fmt == "safetensors")
+
+
+def build_sd1_variant(dest):
+    """A stock diffusers StableDiffusionPipeline folder whose text encoder is a BERT (as Taiyi's is)."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from transformers import BertConfig, BertModel, BertTokenizer
+    torch.manual_seed(4)
+    text_encoder = BertModel(BertConfig(**SD1_TEXT_CONFIG)).eval()
+    tokenizer = BertTokenizer(chinese_clip_vocab(), do_lower_case=True, model_max_length=SD1_MAX_LENGTH)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=_vae().float(), text_encoder=text_encoder, tokenizer=tokenizer,
+                                   unet=_unet(SD1_UNET_CONFIG), scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(dest, safe_serialization=True)
 
 
 def _save_scheduler(dest, prediction, beta_end):
@@ -122,4 +152,10 @@ def build_all(cache_dir):
             build_variant(tmp, fmt, prediction, beta_end)
             os.replace(tmp, dest)
         out[name] = dest
+    dest = os.path.join(root, SD1_VARIANT)
+    if not os.path.isfile(os.path.join(dest, "model_index.json")):
+        shutil.rmtree(dest + ".partial", ignore_errors=True)
+        build_sd1_variant(dest + ".partial")
+        os.replace(dest + ".partial", dest)
+    out[SD1_VARIANT] = dest
     return out

@@ -1,0 +1,105 @@
+"""SD1.x-family Chinese models (Taiyi style): a BERT text tower in a stock diffusers StableDiffusionPipeline
+folder. The encode follows that pipeline's recipe; end to end the images match diffusers' own pipeline."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import comfy.supported_models
+import nodes as comfy_nodes
+from conftest import pack
+from tiny_models import SD1_MAX_LENGTH, SD1_VARIANT
+
+loaders = pack.loaders
+SEED, STEPS, CFG = 99, 10, 7.5
+WIDTH, HEIGHT = 64, 48
+PROMPT, NEGATIVE = "小桥流水人家，水彩", "模糊的"
+PROMPTS = ["小桥流水人家，水彩", "吃过桥米线的猫", "", "长" * 90]
+
+
+def pipeline(folder):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    # DDIM with trailing timesteps is what ComfyUI's euler + simple computes
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
+                                               set_alpha_to_one=True, clip_sample=False)
+    return pipe
+
+
+@torch.no_grad()
+def pipeline_encode(folder, prompts):
+    pipe = pipeline(folder)
+    embeds, _ = pipe.encode_prompt(prompts, torch.device("cpu"), 1, False)
+    return embeds
+
+
+def our_encode(folder, prompts):
+    tower = loaders.text_tower.read_text_encoder(os.path.join(folder, "text_encoder"))
+    clip = loaders.chinese_clip.build_clip(tower, dtype=torch.float32)
+    return clip, torch.cat([clip.encode_from_tokens(clip.tokenize(p)) for p in prompts])
+
+
+@pytest.fixture(scope="module")
+def masked_folder(model_folders, tmp_path_factory):
+    """The same model with use_attention_mask set in its text config."""
+    folder = tmp_path_factory.mktemp("sd1") / "sd1_bert_masked"
+    shutil.copytree(model_folders[SD1_VARIANT], folder)
+    config_path = folder / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["use_attention_mask"] = True
+    config_path.write_text(json.dumps(config), encoding="utf-8")
+    return str(folder)
+
+
+def test_recipe_follows_the_stock_pipeline(model_folders, masked_folder, record_parity):
+    plain = model_folders[SD1_VARIANT]
+    clip, ours = our_encode(plain, PROMPTS)
+    assert loaders.chinese_clip.recipe_of(clip) == \
+        f"diffusers StableDiffusionPipeline: {SD1_MAX_LENGTH} tokens, no attention mask"
+    ref = pipeline_encode(plain, PROMPTS)
+    assert ours.shape == ref.shape == (len(PROMPTS), SD1_MAX_LENGTH, 768)
+    diff = (ours - ref).abs().max().item()
+    record_parity("conditioning sd1 BERT, stock pipeline recipe (no mask)", diff, 1e-5)
+    assert diff <= 1e-5
+
+    masked_clip, masked = our_encode(masked_folder, PROMPTS)
+    assert loaders.chinese_clip.recipe_of(masked_clip).endswith(f"{SD1_MAX_LENGTH} tokens, attention mask")
+    masked_ref = pipeline_encode(masked_folder, PROMPTS)
+    diff = (masked - masked_ref).abs().max().item()
+    record_parity("conditioning sd1 BERT, stock pipeline recipe (use_attention_mask)", diff, 1e-5)
+    assert diff <= 1e-5
+    assert (masked - ours).abs().max().item() > 1e-2  # the mask really changes the result
+
+
+def test_unet_is_loaded_as_sd1_family(model_folders):
+    model = loaders.unet.load_unet(os.path.join(model_folders[SD1_VARIANT], "unet"), dtype=torch.float32)
+    assert isinstance(model.model.model_config, comfy.supported_models.SD15)
+    assert model.model.model_config.unet_config["num_heads"] == 8
+
+
+def test_txt2img_matches_diffusers_stable_diffusion_pipeline(model_folders, record_parity):
+    folder = model_folders[SD1_VARIANT]
+    model, clip, vae = pack.nodes.ModelScopeLoader.execute(model_folder=SD1_VARIANT, unet_dtype="fp32",
+                                                           text_encoder_dtype="fp32").args
+    encode = pack.nodes.ChineseCLIPTextEncode
+    positive = encode.execute(clip=clip, text=PROMPT).args[0]
+    negative = encode.execute(clip=clip, text=NEGATIVE).args[0]
+    latent = comfy_nodes.EmptyLatentImage().generate(WIDTH, HEIGHT, 1)[0]
+    samples = comfy_nodes.KSampler().sample(model, SEED, STEPS, CFG, "euler", "simple", positive, negative,
+                                            latent, denoise=1.0)[0]
+    ours = comfy_nodes.VAEDecode().decode(vae, samples)[0]
+
+    latents = torch.randn((1, 4, HEIGHT // 8, WIDTH // 8), generator=torch.Generator().manual_seed(SEED))
+    with torch.no_grad():
+        ref = pipeline(folder)(PROMPT, negative_prompt=NEGATIVE, height=HEIGHT, width=WIDTH,
+                               num_inference_steps=STEPS, guidance_scale=CFG, latents=latents,
+                               output_type="pt").images.permute(0, 2, 3, 1)
+    assert ours.shape == ref.shape == (1, HEIGHT, WIDTH, 3)
+    diff = (ours - ref).abs().max().item()
+    record_parity("end-to-end pixels sd1 BERT vs StableDiffusionPipeline", diff, 1e-4)
+    assert ref.std().item() > 0.01
+    assert diff <= 1e-4
