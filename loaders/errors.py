@@ -15,3 +15,16 @@ class ModelLoadError(Exception):
         self.found = found
         self.expected = expected
         super().__init__(f"Cannot load '{self.path}': found {found}; expected {expected}.")
+
+
+def check_keys(path, expected, found, what):
+    """ModelLoadError unless the tensor names found are exactly the expected ones."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing tensors (e.g. '{missing[0]}')")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unknown tensors (e.g. '{unexpected[0]}')")
+        raise ModelLoadError(path, " and ".join(parts), what)

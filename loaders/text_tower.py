@@ -12,7 +12,7 @@ import os
 import tempfile
 
 from . import metadata
-from .errors import ModelLoadError
+from .errors import ModelLoadError, check_keys
 from .weights import describe_keys, read_json, read_metadata, read_state_dict, weights_in_folder
 
 SHIPPED_TOKENIZER = os.path.join(os.path.dirname(os.path.realpath(__file__)), "chinese_clip_tokenizer")
@@ -125,15 +125,7 @@ def check_complete(sd, bert_config, path):
     """Every tensor a BERT of this shape has is there, and nothing else."""
     expected = {"bert." + k for k in _EMBEDDING_KEYS}
     expected |= {f"bert.encoder.layer.{i}.{k}" for i in range(bert_config["num_hidden_layers"]) for k in _LAYER_KEYS}
-    missing = sorted(expected - sd.keys())
-    unexpected = sorted(sd.keys() - expected)
-    if missing or unexpected:
-        found = []
-        if missing:
-            found.append(f"{len(missing)} missing tensors (e.g. '{missing[0]}')")
-        if unexpected:
-            found.append(f"{len(unexpected)} unknown tensors (e.g. '{unexpected[0]}')")
-        raise ModelLoadError(path, " and ".join(found), "a complete BERT text tower")
+    check_keys(path, expected, sd.keys(), "a complete BERT text tower")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import comfy.utils
 from comfy.model_base import ModelType
 
 from . import metadata, unet_layout
-from .errors import ModelLoadError
+from .errors import ModelLoadError, check_keys
 from .weights import describe_keys, read_json, read_metadata, read_state_dict, weights_in_folder
 
 log = logging.getLogger(__name__)
@@ -118,16 +118,7 @@ def build_model(unet, prediction, settings, dtype=None, latent_scale=None):
     model = comfy.model_base.BaseModel(model_config, model_type=MODEL_TYPES[prediction])
     if model_config.inpaint_model():
         model.set_inpaint()
-    expected = set(model.diffusion_model.state_dict().keys())
-    missing = sorted(expected - unet.sd.keys())
-    unexpected = sorted(unet.sd.keys() - expected)
-    if missing or unexpected:
-        found = []
-        if missing:
-            found.append(f"{len(missing)} missing tensors (e.g. '{missing[0]}')")
-        if unexpected:
-            found.append(f"{len(unexpected)} unknown tensors (e.g. '{unexpected[0]}')")
-        raise ModelLoadError(unet.path, " and ".join(found), "a complete UNet")
+    check_keys(unet.path, model.diffusion_model.state_dict().keys(), unet.sd.keys(), "a complete UNet")
     model = model.to(offload_device)
     model.load_model_weights(dict(unet.sd), "")
     log.info("Chinese SD UNet %s: %s, %s, %s betas %s-%s", unet.path, family, prediction,

@@ -5,6 +5,7 @@ import os
 import torch
 
 import folder_paths
+from comfy_api.latest import io
 
 from ..loaders.errors import ModelLoadError
 from ..loaders.modelscope import find_model_folders
@@ -44,3 +45,12 @@ def resolve_component(name, component, file_folder):
         return os.path.join(resolve_model_folder(name[: -len(suffix)]), component)
     raise ModelLoadError(name, f"no such file in models/{file_folder}/ nor model folder in models/diffusers/",
                          f"a file in models/{file_folder}/ or a '<model folder>{suffix}' entry")
+
+
+def model_loader_inputs(prediction_tooltip):
+    """The inputs the all-in-one loaders share after their file/folder choice."""
+    return [
+        io.Combo.Input("prediction", options=PREDICTIONS, default="auto", tooltip=prediction_tooltip),
+        io.Combo.Input("unet_dtype", options=list(DTYPES), default="default"),
+        io.Combo.Input("text_encoder_dtype", options=list(DTYPES), default="default"),
+    ]

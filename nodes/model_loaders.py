@@ -45,10 +45,7 @@ class ModelScopeLoader(io.ComfyNode):
                         "as damo/multi-modal_chinese_stable_diffusion_v1.0 placed in models/diffusers/.",
             inputs=[
                 io.Combo.Input("model_folder", options=choices.model_folders()),
-                io.Combo.Input("prediction", options=choices.PREDICTIONS, default="auto",
-                               tooltip="auto reads scheduler/scheduler_config.json."),
-                io.Combo.Input("unet_dtype", options=list(choices.DTYPES), default="default"),
-                io.Combo.Input("text_encoder_dtype", options=list(choices.DTYPES), default="default"),
+                *choices.model_loader_inputs("auto reads scheduler/scheduler_config.json."),
             ],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
         )
@@ -75,10 +72,7 @@ class CheckpointLoader(io.ComfyNode):
                         "prediction type and noise schedule come from the file's metadata.",
             inputs=[
                 io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints")),
-                io.Combo.Input("prediction", options=choices.PREDICTIONS, default="auto",
-                               tooltip="auto uses the prediction type recorded in the file."),
-                io.Combo.Input("unet_dtype", options=list(choices.DTYPES), default="default"),
-                io.Combo.Input("text_encoder_dtype", options=list(choices.DTYPES), default="default"),
+                *choices.model_loader_inputs("auto uses the prediction type recorded in the file."),
             ],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
         )

@@ -7,8 +7,7 @@ import os
 import pytest
 import torch
 
-import nodes as comfy_nodes
-from conftest import pack
+from comfy_graph import folder_models, txt2img
 from reference import reference_encode
 from tiny_models import VARIANTS
 
@@ -42,16 +41,7 @@ def diffusers_reference(folder):
 
 
 def comfyui_image(name, prediction="auto"):
-    loader = pack.nodes.ModelScopeLoader.execute(model_folder=name, prediction=prediction, unet_dtype="fp32",
-                                                 text_encoder_dtype="fp32")
-    model, clip, vae = loader.args
-    encode = pack.nodes.ChineseCLIPTextEncode
-    positive = encode.execute(clip=clip, text=PROMPT).args[0]
-    negative = encode.execute(clip=clip, text=NEGATIVE).args[0]
-    latent = comfy_nodes.EmptyLatentImage().generate(WIDTH, HEIGHT, 1)[0]
-    samples = comfy_nodes.KSampler().sample(model, SEED, STEPS, CFG, "euler", "simple", positive, negative,
-                                            latent, denoise=1.0)[0]
-    return comfy_nodes.VAEDecode().decode(vae, samples)[0]
+    return txt2img(*folder_models(name, prediction), PROMPT, NEGATIVE, SEED, STEPS, CFG, WIDTH, HEIGHT)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import comfy.supported_models
-import nodes as comfy_nodes
+from comfy_graph import folder_models, txt2img
 from conftest import pack
 from tiny_models import SD1_MAX_LENGTH, SD1_VARIANT
 
@@ -83,15 +83,7 @@ def test_unet_is_loaded_as_sd1_family(model_folders):
 
 def test_txt2img_matches_diffusers_stable_diffusion_pipeline(model_folders, record_parity):
     folder = model_folders[SD1_VARIANT]
-    model, clip, vae = pack.nodes.ModelScopeLoader.execute(model_folder=SD1_VARIANT, unet_dtype="fp32",
-                                                           text_encoder_dtype="fp32").args
-    encode = pack.nodes.ChineseCLIPTextEncode
-    positive = encode.execute(clip=clip, text=PROMPT).args[0]
-    negative = encode.execute(clip=clip, text=NEGATIVE).args[0]
-    latent = comfy_nodes.EmptyLatentImage().generate(WIDTH, HEIGHT, 1)[0]
-    samples = comfy_nodes.KSampler().sample(model, SEED, STEPS, CFG, "euler", "simple", positive, negative,
-                                            latent, denoise=1.0)[0]
-    ours = comfy_nodes.VAEDecode().decode(vae, samples)[0]
+    ours = txt2img(*folder_models(SD1_VARIANT), PROMPT, NEGATIVE, SEED, STEPS, CFG, WIDTH, HEIGHT)
 
     latents = torch.randn((1, 4, HEIGHT // 8, WIDTH // 8), generator=torch.Generator().manual_seed(SEED))
     with torch.no_grad():
