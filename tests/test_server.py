@@ -125,16 +125,26 @@ def test_user_errors_are_one_clear_message_and_the_server_keeps_running(server):
     assert server.proc.poll() is None
 
 
-def test_shipped_workflow_runs_as_users_share_it(server):
-    templates = server.get_json("/workflow_templates")
-    assert "chinese_sd_txt2img" in templates["comfyui-chinese-sd"]
-    workflow = json.loads(server.get("/api/workflow_templates/comfyui-chinese-sd/chinese_sd_txt2img.json"))
+# each shipped workflow, and what stands in for the user's model in it
+SHIPPED = {
+    "chinese_sd_txt2img": ("ChineseSD_ModelScopeLoader", "model_folder",
+                           "multi-modal_chinese_stable_diffusion_v1.0", "csd_eps_safetensors"),
+    "chinese_sd_checkpoint_txt2img": ("ChineseSD_CheckpointLoader", "ckpt_name",
+                                      "multi-modal_chinese_stable_diffusion_v1.0.safetensors", "csd_v_bin.safetensors"),
+}
+
+
+@pytest.mark.parametrize("name", list(SHIPPED))
+def test_shipped_workflows_run_as_users_share_them(server, name):
+    loader, field, shipped_value, test_value = SHIPPED[name]
+    assert sorted(server.get_json("/workflow_templates")["comfyui-chinese-sd"]) == sorted(SHIPPED)
+    workflow = json.loads(server.get(f"/api/workflow_templates/comfyui-chinese-sd/{name}.json"))
     api = ui_to_api(workflow, server.get_json("/object_info"))
     by_type = {node["class_type"]: node["inputs"] for node in api.values()}
-    assert by_type["ChineseSD_ModelScopeLoader"]["model_folder"] == "multi-modal_chinese_stable_diffusion_v1.0"
+    assert by_type[loader][field] == shipped_value
     assert by_type["KSampler"]["steps"] == 50 and by_type["KSampler"]["cfg"] == 7.5
-    # the tiny test model stands in for the real folder; keep the run short
-    by_type["ChineseSD_ModelScopeLoader"]["model_folder"] = "csd_eps_safetensors"
+    # the tiny test model stands in for the real one; keep the run short
+    by_type[loader][field] = test_value
     by_type["EmptyLatentImage"].update(width=WIDTH, height=HEIGHT)
     by_type["KSampler"]["steps"] = 3
     entry = server.run_prompt(api)
