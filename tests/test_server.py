@@ -102,6 +102,23 @@ def test_separate_loaders_with_stock_clip_text_encode(server):
     assert_png(server, entry, (WIDTH, HEIGHT))
 
 
+def test_hires_fix_and_img2img_with_stock_nodes(server):
+    graph = txt2img(folder_loader(), ["load", 1], ["load", 0], ["load", 2])
+    first_pass = graph.pop("decode")["inputs"]["samples"]
+    graph.update({
+        "upscale": {"class_type": "LatentUpscale", "inputs": {"samples": first_pass, "upscale_method": "nearest-exact",
+                                                              "width": 2 * WIDTH, "height": 2 * HEIGHT, "crop": "disabled"}},
+        "hires": {"class_type": "KSampler", "inputs": {**graph["sample"]["inputs"], "latent_image": ["upscale", 0],
+                                                       "denoise": 0.5}},
+        "hires_image": {"class_type": "VAEDecode", "inputs": {"samples": ["hires", 0], "vae": ["load", 2]}},
+        "encode": {"class_type": "VAEEncode", "inputs": {"pixels": ["hires_image", 0], "vae": ["load", 2]}},
+        "img2img": {"class_type": "KSampler", "inputs": {**graph["sample"]["inputs"], "latent_image": ["encode", 0],
+                                                         "denoise": 0.6}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["img2img", 0], "vae": ["load", 2]}},
+    })
+    assert_png(server, server.run_prompt(graph), (2 * WIDTH, 2 * HEIGHT))
+
+
 def test_user_errors_are_one_clear_message_and_the_server_keeps_running(server):
     broken_unet = {"unet": {"class_type": "ChineseSD_UNetLoader", "inputs": {
         "unet_name": "truncated.safetensors", "prediction": "auto", "weight_dtype": "default"}}, **folder_loader()}
