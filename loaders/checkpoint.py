@@ -2,8 +2,8 @@
 
 import os
 
-from . import chinese_clip, metadata, text_tower, unet
-from .convert import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from . import chinese_clip, metadata, text_tower, unet, unet_layout
+from .metadata import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from .errors import ModelLoadError
 from .vae import build_vae
 from .weights import describe_keys, read_metadata, read_state_dict
@@ -28,13 +28,15 @@ def load_checkpoint(path, prediction="auto", unet_dtype=None, clip_dtype=None, c
     if empty:
         raise ModelLoadError(path, f"{describe_keys(sd)} with nothing under {', '.join(empty)}", expected)
 
-    unet_meta = metadata.read_unet(meta, path)
-    unet_sd, unet_config = unet.ldm_unet(parts[UNET_PREFIX], path)
-    unet_file = unet.UNetFile(unet_sd, unet_config, unet_meta["heads"], path, unet_meta)
-    prediction, settings = unet.resolve_sampling(None, prediction, unet_meta)
+    unet_meta, text_meta = metadata.read_unet(meta, path), metadata.read_text_encoder(meta, path)
+    if unet_meta is None or text_meta is None:
+        raise ModelLoadError(path, "chinese_sd metadata without the UNet or text encoder settings", expected)
+    unet_sd, unet_config = unet_layout.ldm_unet(parts[UNET_PREFIX], path)
+    unet_file = unet_layout.UNetFile(unet_sd, unet_config, unet_meta["heads"], path, unet_meta, None)
+    prediction, settings = unet_layout.resolve_sampling(unet_file, None, prediction)
     model = unet.build_model(unet_file, prediction, settings, dtype=unet_dtype, latent_scale=unet_meta["latent_scale"])
 
-    tower = text_tower.tower_from(parts[TEXT_PREFIX], metadata.read_text_encoder(meta, path), path)
+    tower = text_tower.tower_from(parts[TEXT_PREFIX], text_meta, path)
     clip = chinese_clip.build_clip(tower, dtype=clip_dtype, device=clip_device, embedding_directory=embedding_directory)
     vae = build_vae(parts[VAE_PREFIX], path)
     return model, clip, vae

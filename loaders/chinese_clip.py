@@ -15,9 +15,10 @@ from transformers import BertTokenizer
 import comfy.sd
 import comfy.utils
 from comfy import sd1_clip
+from comfy.supported_models_base import ClipTarget
 from comfy.text_encoders.bert import BertModel
 
-from .text_tower import MODELSCOPE, SHIPPED_TOKENIZER, special_tokens
+from .text_tower import MODELSCOPE, SHIPPED_TOKENIZER
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +79,6 @@ class ChineseCLIPTextModel(sd1_clip.SDClipModel):
                          model_options=model_options)
 
 
-class _Target:
-    """What comfy.sd.CLIP builds from: the model class, its parameters and the tokenizer class."""
-
-    def __init__(self, params):
-        self.clip = sd1_clip.SD1ClipModel
-        self.tokenizer = ChineseCLIPTokenizerSet
-        self.params = params
-
-
 def recipe_of(clip):
     """The encode recipe a CLIP built here follows (None for other CLIPs)."""
     tokenizer = getattr(getattr(clip, "tokenizer", None), NAME, None)
@@ -95,14 +87,14 @@ def recipe_of(clip):
 
 def build_clip(tower, dtype=None, device=None, embedding_directory=None):
     """A comfy.sd.CLIP holding a text_tower.TextTower; dtype None = ComfyUI's choice, device 'cpu' pins it."""
-    special = special_tokens(tower.tokenizer_dir, tower.config["vocab_size"])
     model_options = {}
     if dtype is not None:
         model_options["dtype"] = dtype
     if device is not None:
         model_options["load_device"] = model_options["offload_device"] = torch.device(device)
-    target = _Target({"name": NAME, "clip_model": ChineseCLIPTextModel, "bert_config": tower.config,
-                      "special_tokens": special, "attention_mask": tower.recipe.attention_mask})
+    target = ClipTarget(ChineseCLIPTokenizerSet, sd1_clip.SD1ClipModel)
+    target.params = {"name": NAME, "clip_model": ChineseCLIPTextModel, "bert_config": tower.config,
+                     "special_tokens": tower.special, "attention_mask": tower.recipe.attention_mask}
     tokenizer_data = {f"{NAME}_tokenizer_path": tower.tokenizer_dir,
                       f"{NAME}_embedding_size": tower.config["hidden_size"],
                       f"{NAME}_max_length": tower.recipe.max_length,

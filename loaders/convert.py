@@ -28,12 +28,6 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PARTS = ("checkpoint", "split")
-# prefixes inside the all-in-one checkpoint: ComfyUI's usual ones for the UNet and VAE; the text
-# tower under its own name, so that ComfyUI's stock checkpoint loader reports "no text encoder"
-# instead of building an OpenCLIP one from it
-UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "chinese_clip."
-
-
 def output_paths(models_dir, name, parts):
     out = {}
     if "checkpoint" in parts:
@@ -51,24 +45,12 @@ def _cast(sd, dtype):
 
 def _read_unet(folder):
     from . import unet_layout
-    unet_dir = os.path.join(folder, "unet")
-    config_path = os.path.join(unet_dir, "config.json")
-    config = read_json(config_path) if os.path.isfile(config_path) else {}
-    if config:
-        unet_layout.check_diffusers_config(config, config_path)
-    weights = weights_in_folder(unet_dir)
-    sd, unet_config = unet_layout.diffusers_to_ldm(read_state_dict(weights), weights)
-    family = unet_layout.family_name(unet_config, weights)
-    heads = (unet_layout.heads_from_config(config, unet_config, config_path) if config else None) \
-        or unet_layout.default_heads(family)
-    scheduler_path = os.path.join(folder, "scheduler", "scheduler_config.json")
-    if os.path.isfile(scheduler_path):
-        prediction, schedule = unet_layout.scheduler_settings(read_json(scheduler_path), scheduler_path)
-    else:
-        log.warning("%s has no scheduler/scheduler_config.json: recording epsilon prediction and Stable "
-                    "Diffusion's scaled_linear betas", folder)
-        prediction, schedule = "epsilon", dict(unet_layout.SD_SCHEDULER)
-    return sd, family, heads, prediction, schedule, config.get("sample_size", 64)
+    unet = unet_layout.read_unet_file(os.path.join(folder, "unet"))
+    prediction, schedule = unet_layout.resolve_sampling(unet)
+    family = unet_layout.family_name(unet.unet_config, unet.path)
+    config_path = os.path.join(folder, "unet", "config.json")
+    sample_size = read_json(config_path).get("sample_size", 64) if os.path.isfile(config_path) else 64
+    return unet.sd, family, unet.heads or unet_layout.default_heads(family), prediction, schedule, sample_size
 
 
 def _read_vae(folder):
@@ -116,11 +98,11 @@ def convert_folder(source, models_dir, name=None, dtype="fp16", parts=PARTS, ove
     unet_sd, vae_sd = _cast(unet_sd, torch_dtype), _cast(vae_sd, torch_dtype)
     text_sd = _cast(tower.sd, torch_dtype)
     unet_meta = metadata.unet_entries(family, prediction, schedule, heads, sample_size * vae_factor, latent_scale)
-    text_meta = metadata.text_entries(tower.config, tower.recipe, text_tower.embedded_tokenizer(tower.tokenizer_dir))
+    text_meta = metadata.text_entries(tower.config, tower.recipe, text_tower.tokenizer_files(tower.tokenizer_dir))
     files = {
-        "checkpoint": ({**{UNET_PREFIX + k: v for k, v in unet_sd.items()},
-                        **{VAE_PREFIX + k: v for k, v in vae_sd.items()},
-                        **{TEXT_PREFIX + k: v for k, v in text_sd.items()}}, {**unet_meta, **text_meta}),
+        "checkpoint": ({**{metadata.UNET_PREFIX + k: v for k, v in unet_sd.items()},
+                        **{metadata.VAE_PREFIX + k: v for k, v in vae_sd.items()},
+                        **{metadata.TEXT_PREFIX + k: v for k, v in text_sd.items()}}, {**unet_meta, **text_meta}),
         "unet": (unet_sd, unet_meta),
         "text_encoder": (text_sd, text_meta),
         "vae": (vae_sd, {metadata.P + "latent_scaling_factor": repr(latent_scale)}),

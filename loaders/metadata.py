@@ -12,8 +12,11 @@ All values are strings (a safetensors rule); structured values are JSON. Keys:
   chinese_sd.latent_scaling_factor  e.g. "0.18215"
   chinese_sd.text_encoder     BERT shape (hidden size, layers, heads, ...)
   chinese_sd.text_recipe      {"name": "modelscope"|"diffusers", "max_length": .., "attention_mask": ..}
-  chinese_sd.tokenizer        {file name: text} when the vocabulary is not the one shipped with the pack
+  chinese_sd.tokenizer        {file name: text} of the source's tokenizer files (vocab.txt, tokenizer_config.json, ...)
   chinese_sd.source, chinese_sd.dtype   informative
+Inside an all-in-one checkpoint the UNet sits under model.diffusion_model., the VAE under
+first_stage_model. (ComfyUI's usual prefixes) and the text tower under chinese_clip. (so that ComfyUI's
+stock checkpoint loader finds no text encoder instead of building an OpenCLIP one from it).
 """
 
 import json
@@ -22,15 +25,25 @@ from .errors import ModelLoadError
 
 FORMAT_VERSION = 1
 P = "chinese_sd."
+UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "chinese_clip."
+TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
-def _json(meta, key, path):
+def _json(meta, key, path, kind=dict):
     try:
-        return json.loads(meta[P + key])
+        value = json.loads(meta[P + key])
     except KeyError:
         raise ModelLoadError(path, f"metadata without '{P + key}'", "a complete chinese_sd metadata block") from None
     except json.JSONDecodeError:
         raise ModelLoadError(path, f"unreadable metadata '{P + key}'", "JSON metadata written by the converter") from None
+    if not isinstance(value, kind):
+        raise ModelLoadError(path, f"metadata '{P + key}' holding a {type(value).__name__}",
+                             f"a JSON {kind.__name__} written by the converter")
+    return value
+
+
+def _malformed(path, key, error):
+    return ModelLoadError(path, f"malformed metadata '{P + key}' ({error})", "metadata written by the converter")
 
 
 def version(meta, path):
@@ -70,10 +83,15 @@ def read_text_encoder(meta, path):
         return None
     from .text_tower import Recipe
     r = _json(meta, "text_recipe", path)
-    tokenizer = json.loads(meta[P + "tokenizer"]) if P + "tokenizer" in meta else {}
-    return {"config": _json(meta, "text_encoder", path),
-            "recipe": Recipe(str(r["name"]), int(r["max_length"]), bool(r["attention_mask"])),
-            "tokenizer": tokenizer}
+    try:
+        recipe = Recipe(str(r["name"]), int(r["max_length"]), bool(r["attention_mask"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise _malformed(path, "text_recipe", e) from None
+    tokenizer = _json(meta, "tokenizer", path) if P + "tokenizer" in meta else {}
+    bad = [n for n, text in tokenizer.items() if n not in TOKENIZER_FILES or not isinstance(text, str)]
+    if bad:  # file names come from a shared file: never let them point anywhere else
+        raise _malformed(path, "tokenizer", f"unexpected entry {bad[0]!r}")
+    return {"config": _json(meta, "text_encoder", path), "recipe": recipe, "tokenizer": tokenizer}
 
 
 def read_unet(meta, path):
@@ -81,5 +99,12 @@ def read_unet(meta, path):
     if version(meta, path) is None or P + "prediction_type" not in meta:
         return None
     scale = meta.get(P + "latent_scaling_factor")
+    try:
+        scale = float(scale) if scale else None
+    except ValueError as e:
+        raise _malformed(path, "latent_scaling_factor", e) from None
+    heads = _json(meta, "unet_heads", path)
+    if not all(isinstance(heads.get(k), int) for k in ("num_heads", "num_head_channels")):
+        raise _malformed(path, "unet_heads", heads)
     return {"prediction": meta[P + "prediction_type"], "scheduler": _json(meta, "scheduler", path),
-            "heads": _json(meta, "unet_heads", path), "latent_scale": float(scale) if scale else None}
+            "heads": heads, "latent_scale": scale}

@@ -13,10 +13,12 @@ import tempfile
 
 from . import metadata
 from .errors import ModelLoadError, check_keys
-from .weights import describe_keys, read_json, read_metadata, read_state_dict, weights_in_folder
+from .metadata import TOKENIZER_FILES
+from .weights import describe_keys, locate_weights, read_json, read_metadata, read_state_dict
 
 SHIPPED_TOKENIZER = os.path.join(os.path.dirname(os.path.realpath(__file__)), "chinese_clip_tokenizer")
-TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+TEXT_STEMS = ("model", "pytorch_model", "diffusion_pytorch_model")
+_materialized = {}  # content hash -> private folder, for this process
 
 # Key prefixes of the same BERT text tower in the checkpoint shapes users hold:
 # cn_clip training checkpoints, HF ChineseCLIPModel, comfy BertModel / our files, our all-in-one checkpoint,
@@ -54,6 +56,7 @@ class TextTower:
     tokenizer_dir: str  # folder with vocab.txt (+ tokenizer_config.json)
     recipe: Recipe
     path: str           # the weights file, for messages
+    special: dict       # ids of [CLS] / [SEP] / [PAD]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,7 +92,7 @@ def bert_config_from(sd, config, path):
     if config.get("model_type") == "chinese_clip" or "text_config" in config:
         config = config.get("text_config") or {}
     model_type = config.get("model_type")
-    if model_type not in (None, "chinese_clip_text_model", "bert", "roberta"):
+    if model_type not in (None, "chinese_clip_text_model", "bert"):  # (Chinese "RoBERTa-wwm" towers are BERTs)
         raise ModelLoadError(path, f"a config of model_type '{model_type}'",
                              "a Chinese-CLIP text model config (model_type 'chinese_clip_text_model' or 'bert')")
     act = config.get("hidden_act", "gelu")
@@ -159,28 +162,31 @@ def tokenizer_folder(candidates):
 
 
 def tokenizer_files(tokenizer_dir):
-    """{file name: text} of a tokenizer folder (what a converted file embeds when it is not the shipped one)."""
+    """{file name: text} of a tokenizer folder, each JSON file checked (what a converted file embeds)."""
     out = {}
     for name in TOKENIZER_FILES:
         p = os.path.join(tokenizer_dir, name)
         if os.path.isfile(p):
+            if name.endswith(".json"):
+                read_json(p)
             with open(p, "r", encoding="utf-8") as f:
                 out[name] = f.read()
     return out
 
 
 def materialize_tokenizer(files):
-    """A folder holding the given tokenizer files (content-addressed, in the temp directory)."""
+    """A private folder (made for this process) holding the given tokenizer files."""
     blob = json.dumps(files, sort_keys=True, ensure_ascii=False).encode("utf-8")
-    folder = os.path.join(tempfile.gettempdir(), "comfyui-chinese-sd-tokenizers", hashlib.sha256(blob).hexdigest()[:16])
-    if not os.path.isfile(os.path.join(folder, "vocab.txt")):
-        os.makedirs(folder, exist_ok=True)
+    key = hashlib.sha256(blob).hexdigest()
+    if key not in _materialized:
+        folder = tempfile.mkdtemp(prefix="comfyui-chinese-sd-tokenizer-")
         for name, text in files.items():
-            tmp = os.path.join(folder, name + ".tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
+            if name not in TOKENIZER_FILES:  # metadata.read_text_encoder refuses these already
+                raise ValueError(f"unexpected tokenizer file name {name!r}")
+            with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
                 f.write(text)
-            os.replace(tmp, os.path.join(folder, name))
-    return folder
+        _materialized[key] = folder
+    return _materialized[key]
 
 
 def recipe_for_folder(model_folder, tokenizer_dir, text_config):
@@ -218,26 +224,22 @@ def recipe_for_folder(model_folder, tokenizer_dir, text_config):
 
 def read_text_encoder(path, tokenizer_dir=None, recipe=None):
     """A TextTower from a text_encoder/ folder or any supported weights file."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        folder, weights = path, weights_in_folder(path, stems=("model", "pytorch_model", "diffusion_pytorch_model"))
-    else:
-        folder, weights = os.path.dirname(path), path
+    folder, weights, owns_folder = locate_weights(path, TEXT_STEMS)
     meta = metadata.read_text_encoder(read_metadata(weights), weights)
     if meta is not None:
         return tower_from(read_state_dict(weights, keep=_text_tower_key), meta, weights, tokenizer_dir, recipe)
     config_path = os.path.join(folder, "config.json")
-    config = read_json(config_path) if os.path.isfile(config_path) else {}
+    config = read_json(config_path) if owns_folder and os.path.isfile(config_path) else {}
     sd = normalize_keys(read_state_dict(weights, keep=_text_tower_key), weights)
     bert_config = bert_config_from(sd, config, weights)
     check_complete(sd, bert_config, weights)
-    model_folder = os.path.dirname(os.path.normpath(folder))
+    model_folder = os.path.dirname(os.path.normpath(folder)) if owns_folder else None
     if tokenizer_dir is None:
-        tokenizer_dir = tokenizer_folder([folder, os.path.join(model_folder, "tokenizer")])
+        candidates = [folder, os.path.join(model_folder, "tokenizer")] if owns_folder else []
+        tokenizer_dir = tokenizer_folder(candidates)
     if recipe is None:
         recipe = recipe_for_folder(model_folder, tokenizer_dir, config.get("text_config", config))
-    special_tokens(tokenizer_dir, bert_config["vocab_size"])
-    return TextTower(sd, bert_config, tokenizer_dir, recipe, weights)
+    return _tower(sd, bert_config, tokenizer_dir, recipe, weights)
 
 
 def tower_from(sd, meta, path, tokenizer_dir=None, recipe=None):
@@ -247,15 +249,9 @@ def tower_from(sd, meta, path, tokenizer_dir=None, recipe=None):
     check_complete(sd, bert_config, path)
     if tokenizer_dir is None:
         tokenizer_dir = materialize_tokenizer(meta["tokenizer"]) if meta["tokenizer"] else SHIPPED_TOKENIZER
-    special_tokens(tokenizer_dir, bert_config["vocab_size"])
-    return TextTower(sd, bert_config, tokenizer_dir, recipe or meta["recipe"], path)
+    return _tower(sd, bert_config, tokenizer_dir, recipe or meta["recipe"], path)
 
 
-def embedded_tokenizer(tokenizer_dir):
-    """The tokenizer files a converted file must carry: none when they are the ones shipped with the pack."""
-    files = tokenizer_files(tokenizer_dir)
-    shipped = tokenizer_files(SHIPPED_TOKENIZER)
-    lower = json.loads(files.get("tokenizer_config.json", "{}")).get("do_lower_case", True)
-    if files.get("vocab.txt") == shipped["vocab.txt"] and lower:
-        return {}
-    return files
+def _tower(sd, bert_config, tokenizer_dir, recipe, path):
+    tokenizer_files(tokenizer_dir)  # its JSON files are readable: a broken one is named here, not deep in transformers
+    return TextTower(sd, bert_config, tokenizer_dir, recipe, path, special_tokens(tokenizer_dir, bert_config["vocab_size"]))

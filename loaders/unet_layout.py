@@ -6,9 +6,19 @@ scheduler config: never from ComfyUI's fixed table of known UNet sizes nor from 
 weight-statistics guess of v-prediction.
 """
 
+import dataclasses
+import logging
+import os
+
 import comfy.utils
 
+from . import metadata
 from .errors import ModelLoadError
+from .weights import describe_keys, locate_weights, read_json, read_metadata, read_state_dict
+
+log = logging.getLogger(__name__)
+UNET_STEMS = ("diffusion_pytorch_model", "model")
+LDM_PREFIXES = ("model.diffusion_model.", "")
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # diffusers beta_schedule -> ComfyUI beta_schedule (ComfyUI's "linear" is diffusers' "scaled_linear")
@@ -56,6 +66,13 @@ def _count(keys, prefix):
 
 def ldm_config_from_diffusers(sd, path):
     """ComfyUI UNetModel config for a diffusers UNet2DConditionModel state dict of any size."""
+    try:
+        return _ldm_config_from_diffusers(sd, path)
+    except KeyError as e:
+        raise ModelLoadError(path, f"an incomplete diffusers UNet (no {e})", "a complete UNet") from None
+
+
+def _ldm_config_from_diffusers(sd, path):
     keys = list(sd.keys())
     if any(k.startswith(("class_embedding.", "add_embedding.")) for k in keys):
         raise ModelLoadError(path, "a UNet with class/added embeddings (SDXL or unCLIP style)",
@@ -174,3 +191,80 @@ def family_name(unet_config, path):
 def default_heads(family):
     """What ComfyUI's SD1.x/SD2.x model classes assume when nothing says otherwise."""
     return {"num_head_channels": 64, "num_heads": -1} if family == "sd2.x" else {"num_heads": 8, "num_head_channels": -1}
+
+
+# ----------------------------------------------------------------------------------------------
+# reading UNet files
+
+
+@dataclasses.dataclass
+class UNetFile:
+    sd: dict                 # LDM layout keys
+    unet_config: dict        # ComfyUI UNetModel config (without heads)
+    heads: dict | None       # num_heads / num_head_channels when the files say so
+    path: str                # the weights file, for messages
+    meta: dict | None        # settings from a converted file's metadata
+    scheduler_config: str | None  # the scheduler_config.json that belongs to it
+
+
+def ldm_unet(sd, path):
+    """(LDM state dict, ComfyUI unet_config) for LDM-layout keys, optionally under model.diffusion_model."""
+    prefix = next((p for p in LDM_PREFIXES if p + "input_blocks.0.0.weight" in sd), None)
+    if prefix is None:
+        raise ModelLoadError(path, describe_keys(sd), "a UNet (diffusers keys like 'conv_in.weight' or "
+                             "LDM keys like 'input_blocks.0.0.weight')")
+    sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    import comfy.model_detection  # ComfyUI's own shape detection for its own layout
+    try:
+        unet_config = comfy.model_detection.detect_unet_config(sd, "")
+    except (KeyError, IndexError) as e:
+        raise ModelLoadError(path, f"an incomplete LDM UNet (no {e})", "a complete UNet") from None
+    if unet_config.get("adm_in_channels") or unet_config.get("context_dim") is None:
+        raise ModelLoadError(path, "an LDM UNet with class embeddings or without cross-attention",
+                             "a text-conditioned SD1.x/SD2.x-style UNet")
+    return sd, unet_config
+
+
+def read_unet_file(location):
+    """A UNetFile from a diffusers unet/ folder or a weights file (diffusers or LDM layout)."""
+    folder, weights, owns_folder = locate_weights(location, UNET_STEMS)
+    meta = metadata.read_unet(read_metadata(weights), weights)
+    config, config_path, scheduler = {}, os.path.join(folder, "config.json"), None
+    if meta is None and owns_folder:
+        if os.path.isfile(config_path):
+            config = read_json(config_path)
+            check_diffusers_config(config, config_path)
+        scheduler = next((c for c in (os.path.join(folder, "scheduler_config.json"),
+                                      os.path.join(os.path.dirname(folder), "scheduler", "scheduler_config.json"))
+                          if os.path.isfile(c)), None)
+    sd = read_state_dict(weights)
+    if "conv_in.weight" in sd:
+        sd, unet_config = diffusers_to_ldm(sd, weights)
+    else:
+        sd, unet_config = ldm_unet(sd, weights)
+    heads = meta["heads"] if meta else heads_from_config(config, unet_config, config_path) if config else None
+    return UNetFile(sd, unet_config, heads, weights, meta, scheduler)
+
+
+def resolve_sampling(unet_file, scheduler_config_path=None, prediction_override="auto"):
+    """(prediction type, diffusers schedule settings) for a UNet: an explicit scheduler config, else the
+    converter's metadata, else the scheduler config that belongs to the file, else Stable Diffusion's
+    defaults (with a warning). A prediction override other than 'auto' wins."""
+    path = scheduler_config_path or (None if unet_file.meta else unet_file.scheduler_config)
+    if path is not None:
+        prediction, settings = scheduler_settings(read_json(path), path)
+    elif unet_file.meta is not None:
+        prediction, settings = scheduler_settings({**unet_file.meta["scheduler"],
+                                                   "prediction_type": unet_file.meta["prediction"]}, unet_file.path)
+    else:
+        prediction, settings = "epsilon", dict(SD_SCHEDULER)
+        if prediction_override == "auto":
+            log.warning("No scheduler config for %s: assuming epsilon prediction and Stable Diffusion's "
+                        "scaled_linear betas (0.00085-0.012). Set the prediction input if images come out grey "
+                        "or burnt.", unet_file.path)
+    if prediction_override != "auto":
+        if prediction_override not in PREDICTION_TYPES:
+            raise ValueError(f"prediction must be auto or one of {', '.join(PREDICTION_TYPES)}, "
+                             f"not {prediction_override!r}")
+        prediction = prediction_override
+    return prediction, settings

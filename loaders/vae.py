@@ -2,7 +2,7 @@
 
 import os
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, check_keys
 from .weights import describe_keys, read_json, read_state_dict, weights_in_folder
 
 _VAE_KEYS = ("decoder.up_blocks.0.resnets.0.norm1.weight", "decoder.up.0.block.0.norm1.weight")
@@ -10,13 +10,18 @@ _VAE_KEYS = ("decoder.up_blocks.0.resnets.0.norm1.weight", "decoder.up.0.block.0
 
 def build_vae(sd, path):
     import comfy.sd  # imported here so that the converter can read VAE folders without ComfyUI's device setup
+    from comfy.diffusers_convert import convert_vae_state_dict
     if not any(k in sd for k in _VAE_KEYS):
         raise ModelLoadError(path, describe_keys(sd), "an SD VAE (AutoencoderKL)")
+    if _VAE_KEYS[0] in sd:  # diffusers layout -> ComfyUI's, as comfy.sd.VAE would do itself
+        sd = convert_vae_state_dict(sd)
     try:
         vae = comfy.sd.VAE(sd=sd)
         vae.throw_exception_if_invalid()
     except RuntimeError as e:
-        raise ModelLoadError(path, f"weights ComfyUI's VAE cannot use ({e})", "an SD VAE (AutoencoderKL)") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelLoadError(path, f"weights ComfyUI's VAE cannot use ({first})", "an SD VAE (AutoencoderKL)") from None
+    check_keys(path, vae.first_stage_model.state_dict().keys(), sd.keys(), "a complete SD VAE")
     return vae
 
 

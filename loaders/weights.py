@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import zipfile
 
 import torch
@@ -119,14 +120,6 @@ def _read_sharded(index_path, keep):
     return out
 
 
-def tensors_only(path, data):
-    """Check every value is a tensor (a cn_clip training checkpoint also carries ints and dicts)."""
-    bad = [k for k, v in data.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ModelLoadError(path, f"non-tensor entries such as '{bad[0]}'", "a state dict of tensors")
-    return data
-
-
 def describe_keys(sd):
     """A short description of what a state dict looks like, for error messages."""
     keys = list(sd.keys())
@@ -167,3 +160,26 @@ def weights_in_folder(folder, stems=("diffusion_pytorch_model", "model", "pytorc
         return os.path.join(folder, others[0])
     found = "no weights file" if not others else f"several weights files ({', '.join(others)})"
     raise ModelLoadError(folder, found, f"one of {', '.join(candidates[:4])} (or a sharded *.index.json)")
+
+
+_SHARD = re.compile(r"^(?P<stem>.+)-\d{5}-of-\d{5}\.(?P<ext>safetensors|bin)$")
+
+
+def locate_weights(location, stems):
+    """(folder, weights path, whether the folder's config files belong to it) for a folder or a file.
+
+    A component folder and a file keeping its diffusers/transformers name (one of stems) own the
+    config.json etc. beside them; a file under any other name in a shared models folder does not.
+    One shard of a sharded set stands for the whole set (its *.index.json).
+    """
+    location = os.fspath(location)
+    if os.path.isdir(location):
+        return location, weights_in_folder(location, stems), True
+    folder, name = os.path.split(location)
+    shard = _SHARD.match(name)
+    if shard:
+        index = os.path.join(folder, f"{shard['stem']}.{shard['ext']}.index.json")
+        if os.path.isfile(index):
+            location, name = index, os.path.basename(index)
+    owns = any(name == s or name.startswith((s + ".", s + "-")) for s in stems)
+    return folder, location, owns

@@ -42,6 +42,7 @@ def _import_pack():
 
 
 pack = _import_pack()
+importlib.import_module(f"{PACK_NAME}.loaders.convert")  # the converter is a command, no node imports it
 
 
 @pytest.fixture(scope="session")

@@ -62,7 +62,10 @@ def test_files_and_metadata(converted, dtype):
     assert meta["chinese_sd.native_resolution"] == "64"  # the tiny UNet's sample_size 8 x the VAE's factor 8
     assert float(meta["chinese_sd.latent_scaling_factor"]) == 0.18215
     assert json.loads(meta["chinese_sd.text_recipe"]) == {"name": "modelscope", "max_length": 52, "attention_mask": True}
-    assert "chinese_sd.tokenizer" not in meta  # the standard vocabulary ships with the pack
+    tokenizer = json.loads(meta["chinese_sd.tokenizer"])  # the source's tokenizer files travel with the weights
+    with open(os.path.join(loaders.text_tower.SHIPPED_TOKENIZER, "vocab.txt"), encoding="utf-8") as f:
+        assert tokenizer["vocab.txt"] == f.read()
+    assert json.loads(tokenizer["tokenizer_config.json"])["do_lower_case"] is True
     assert meta["chinese_sd.dtype"] == dtype
     unet_sd = loaders.weights.read_state_dict(paths["unet"])
     assert "input_blocks.0.0.weight" in unet_sd  # ComfyUI's own (LDM) layout
@@ -76,8 +79,8 @@ def test_weights_are_the_folders_rounded_to_the_dtype(converted, model_folders, 
     converted_te = loaders.text_tower.read_text_encoder(paths["text_encoder"])
     assert converted_te.sd.keys() == te.sd.keys()
     assert all(torch.equal(converted_te.sd[k], te.sd[k].to(DTYPES[dtype])) for k in te.sd)
-    unet = loaders.unet.read_unet(os.path.join(model_folders["csd_eps_safetensors"], "unet"))
-    converted_unet = loaders.unet.read_unet(paths["unet"])
+    unet = loaders.unet_layout.read_unet_file(os.path.join(model_folders["csd_eps_safetensors"], "unet"))
+    converted_unet = loaders.unet_layout.read_unet_file(paths["unet"])
     assert converted_unet.unet_config == unet.unet_config
     assert all(torch.equal(converted_unet.sd[k], unet.sd[k].to(DTYPES[dtype])) for k in unet.sd)
 

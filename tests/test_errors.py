@@ -118,12 +118,13 @@ def test_vocabulary_that_does_not_fit(tmp_path, model_folders):
     expect_error(lambda: text_tower.read_text_encoder(te, tokenizer_dir=str(tmp_path)), "vocab.txt", "4 tokens", "21128")
 
 
-def test_unsupported_scheduler_config(tmp_path):
+def test_unsupported_scheduler_config(tmp_path, model_folders):
     path = tmp_path / "scheduler_config.json"
     path.write_text(json.dumps({"prediction_type": "sample"}), encoding="utf-8")
-    expect_error(lambda: unet.resolve_sampling(str(path)), path, "prediction_type 'sample'")
+    unet_dir = os.path.join(model_folders["csd_eps_safetensors"], "unet")
+    expect_error(lambda: unet.load_unet(unet_dir, scheduler_config=str(path)), path, "prediction_type 'sample'")
     path.write_text("{not json", encoding="utf-8")
-    expect_error(lambda: unet.resolve_sampling(str(path)), path, "not valid JSON")
+    expect_error(lambda: unet.load_unet(unet_dir, scheduler_config=str(path)), path, "not valid JSON")
 
 
 def test_folder_missing_components(tmp_path, model_folders):
@@ -142,3 +143,70 @@ def test_missing_weights_in_component_folder(tmp_path):
 def test_dropdown_entry_that_no_longer_exists(model_folders):
     with pytest.raises(ModelLoadError, match="deleted_model"):
         pack.nodes.ChineseUNetLoader.execute(unet_name="deleted_model/unet")
+
+
+def _converted_text_file(tmp_path, model_folders, meta_update):
+    from safetensors.torch import save_file
+    tower = text_tower.read_text_encoder(os.path.join(model_folders["csd_eps_safetensors"], "text_encoder"))
+    meta = {**pack.loaders.metadata.common("text_encoder", "test", "fp32"),
+            **pack.loaders.metadata.text_entries(tower.config, tower.recipe, {}), **meta_update}
+    path = tmp_path / "converted_te.safetensors"
+    save_file({k: v.contiguous() for k, v in tower.sd.items()}, path, metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("name", ["../../escaped.py", "/tmp/absolute.py", "vocab.txt/../x"])
+def test_tokenizer_metadata_cannot_write_outside(tmp_path, model_folders, name):
+    bad = json.dumps({"vocab.txt": "[PAD]\n", name: "import os\n"})
+    path = _converted_text_file(tmp_path, model_folders, {"chinese_sd.tokenizer": bad})
+    before = set(os.listdir("/tmp"))
+    expect_error(lambda: text_tower.read_text_encoder(str(path)), path, "malformed metadata")
+    assert set(os.listdir("/tmp")) == before and not os.path.exists(tmp_path.parent / "escaped.py")
+
+
+@pytest.mark.parametrize("update,phrase", [
+    ({"chinese_sd.text_recipe": "{\"name\": \"modelscope\"}"}, "malformed metadata 'chinese_sd.text_recipe'"),
+    ({"chinese_sd.text_encoder": "[1, 2]"}, "holding a list"),
+    ({"chinese_sd.tokenizer": "not json"}, "unreadable metadata"),
+    ({"chinese_sd.format_version": "7"}, "format version 7"),
+])
+def test_malformed_converter_metadata(tmp_path, model_folders, update, phrase):
+    path = _converted_text_file(tmp_path, model_folders, update)
+    expect_error(lambda: text_tower.read_text_encoder(str(path)), path, phrase)
+
+
+def test_incomplete_or_misshapen_unet(tmp_path, model_folders):
+    from safetensors.torch import save_file
+    sd = weights.read_state_dict(os.path.join(model_folders["csd_eps_safetensors"], "unet",
+                                              "diffusion_pytorch_model.safetensors"))
+    for key in ("conv_out.weight", "down_blocks.0.resnets.0.conv2.weight", "down_blocks.0.attentions.0.proj_in.weight"):
+        path = tmp_path / f"without_{key}.safetensors"
+        save_file({k: v for k, v in sd.items() if k != key}, path)
+        expect_error(lambda: unet.load_unet(str(path)), path, "an incomplete diffusers UNet")
+    path = tmp_path / "misshapen.safetensors"
+    save_file({**sd, "time_embedding.linear_2.bias": torch.zeros(7)}, path)
+    expect_error(lambda: unet.load_unet(str(path)), path, "time_embed.2.bias", "of shape (7,)")
+
+
+def test_broken_tokenizer_json(tmp_path, model_folders):
+    folder = tmp_path / "model"
+    shutil.copytree(model_folders["csd_eps_safetensors"], folder)
+    (folder / "tokenizer" / "tokenizer_config.json").write_text("{broken", encoding="utf-8")
+    expect_error(lambda: text_tower.read_text_encoder(str(folder / "text_encoder")), "tokenizer_config.json",
+                 "not valid JSON")
+
+
+def test_vae_with_missing_tensors(tmp_path, model_folders):
+    vae = pack.loaders.vae
+    sd = weights.read_state_dict(os.path.join(model_folders["csd_eps_safetensors"], "vae",
+                                              "diffusion_pytorch_model.safetensors"))
+    del sd["decoder.conv_out.weight"]
+    expect_error(lambda: vae.build_vae(sd, str(tmp_path / "vae.safetensors")), "vae.safetensors", "1 missing tensors")
+
+
+def test_roberta_config_is_refused(tmp_path, model_folders):
+    te = tmp_path / "text_encoder"
+    shutil.copytree(os.path.join(model_folders["csd_eps_safetensors"], "text_encoder"), te)
+    config = json.loads((te / "config.json").read_text(encoding="utf-8"))
+    (te / "config.json").write_text(json.dumps({**config, "model_type": "roberta"}), encoding="utf-8")
+    expect_error(lambda: text_tower.read_text_encoder(str(te)), "model.safetensors", "model_type 'roberta'")

@@ -78,7 +78,7 @@ def test_recipe_follows_the_stock_pipeline(model_folders, masked_folder, record_
 def test_unet_is_loaded_as_sd1_family(model_folders):
     model = loaders.unet.load_unet(os.path.join(model_folders[SD1_VARIANT], "unet"), dtype=torch.float32)
     assert isinstance(model.model.model_config, comfy.supported_models.SD15)
-    assert model.model.model_config.unet_config["num_heads"] == 8
+    assert model.model.model_config.unet_config["num_heads"] == 4  # from config.json, not the SD1 default
 
 
 def test_txt2img_matches_diffusers_stable_diffusion_pipeline(model_folders, record_parity):

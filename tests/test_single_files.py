@@ -1,5 +1,6 @@
 """Single weights files (no folder around them) and the dtype options of the loaders."""
 
+import json
 import os
 import shutil
 
@@ -11,6 +12,7 @@ from conftest import pack
 chinese_clip = pack.loaders.chinese_clip
 text_tower = pack.loaders.text_tower
 unet = pack.loaders.unet
+unet_layout = pack.loaders.unet_layout
 FOLDER = "csd_eps_safetensors"
 PROMPTS = ["中国山水画", "一只猫 a cat", ""]
 
@@ -73,7 +75,7 @@ def test_unet_weight_dtype_option(model_folders):
 def test_ldm_layout_unet_file_without_metadata(tmp_path, model_folders, prefix):
     """A UNet in ComfyUI's own (LDM) key layout, bare or under a checkpoint's prefix, loads like the folder."""
     from safetensors.torch import save_file
-    folder_unet = unet.read_unet(os.path.join(model_folders[FOLDER], "unet"))
+    folder_unet = unet_layout.read_unet_file(os.path.join(model_folders[FOLDER], "unet"))
     path = tmp_path / "ldm_unet.safetensors"
     save_file({prefix + k: v.contiguous() for k, v in folder_unet.sd.items()}, path)
     scheduler = os.path.join(model_folders[FOLDER], "scheduler", "scheduler_config.json")
@@ -85,3 +87,30 @@ def test_ldm_layout_unet_file_without_metadata(tmp_path, model_folders, prefix):
         a = from_ldm.model.diffusion_model(x, timesteps=torch.tensor([300.0]), context=ctx)
         b = from_folder.model.diffusion_model(x, timesteps=torch.tensor([300.0]), context=ctx)
     assert torch.equal(a, b)
+
+
+def test_renamed_files_in_a_shared_folder_ignore_the_configs_beside_them(tmp_path, model_folders, folder_cond):
+    """models/text_encoders and models/diffusion_models are shared: a config.json lying there belongs to no file
+    in particular, so a file under its own name is read from its weights (and metadata) alone."""
+    shutil.copy(os.path.join(model_folders[FOLDER], "text_encoder", "model.safetensors"), tmp_path / "mine.safetensors")
+    shutil.copy(os.path.join(model_folders[FOLDER], "unet", "diffusion_pytorch_model.safetensors"),
+                tmp_path / "my_unet.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 24, "model_type": "t5",
+                                                      "attention_head_dim": 3}), encoding="utf-8")
+    (tmp_path / "scheduler_config.json").write_text(json.dumps({"prediction_type": "v_prediction"}),
+                                                    encoding="utf-8")
+    tower = text_tower.read_text_encoder(str(tmp_path / "mine.safetensors"))
+    assert torch.equal(encode_all(chinese_clip.build_clip(tower, dtype=torch.float32)), folder_cond)
+    unet_file = unet_layout.read_unet_file(str(tmp_path / "my_unet.safetensors"))
+    assert unet_file.heads is None and unet_file.scheduler_config is None
+
+
+def test_one_shard_stands_for_its_set(tmp_path, model_folders, folder_cond):
+    """Picking any shard of a sharded text encoder in models/text_encoders loads the whole set."""
+    from transformers import ChineseCLIPTextModel
+    model = ChineseCLIPTextModel.from_pretrained(os.path.join(model_folders[FOLDER], "text_encoder"))
+    model.save_pretrained(tmp_path, max_shard_size="40MB")
+    shards = sorted(tmp_path.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1
+    tower = text_tower.read_text_encoder(str(shards[-1]))
+    assert torch.equal(encode_all(chinese_clip.build_clip(tower, dtype=torch.float32)), folder_cond)

@@ -28,7 +28,7 @@ SD1_TEXT_CONFIG = dict(vocab_size=21128, hidden_size=768, num_hidden_layers=2, n
 SD1_UNET_CONFIG = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
                        block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768,
-                       attention_head_dim=8, use_linear_projection=False, norm_num_groups=32)
+                       attention_head_dim=4, use_linear_projection=False, norm_num_groups=32)  # not ComfyUI's SD1 default of 8
 SD1_MAX_LENGTH = 77
 TEXT_CONFIG = dict(vocab_size=21128, hidden_size=1024, num_hidden_layers=2, num_attention_heads=16,
                    intermediate_size=4096, max_position_embeddings=512, type_vocab_size=2,
