@@ -3,7 +3,6 @@
 import os
 
 import pytest
-import torch
 
 from conftest import pack
 from reference import PROMPTS, REFERENCE_LENGTH, reference_tokens
