@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PARTS = ("checkpoint", "split")
+
+
 def output_paths(models_dir, name, parts):
     out = {}
     if "checkpoint" in parts:

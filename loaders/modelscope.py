@@ -8,7 +8,7 @@ from .vae import build_vae, read_vae_folder
 from .weights import read_json
 
 COMPONENTS = ("unet", "text_encoder", "vae")
-TEXT_ENCODER_CLASSES = ("ChineseCLIPTextModel", "BertModel", "RobertaModel")
+TEXT_ENCODER_CLASSES = ("ChineseCLIPTextModel", "BertModel")
 
 
 def is_model_folder(path):
