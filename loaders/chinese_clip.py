@@ -18,6 +18,7 @@ from comfy import sd1_clip
 from comfy.supported_models_base import ClipTarget
 from comfy.text_encoders.bert import BertModel
 
+from .errors import ModelLoadError
 from .text_tower import MODELSCOPE, SHIPPED_TOKENIZER
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,11 @@ def build_clip(tower, dtype=None, device=None, embedding_directory=None):
                       f"{NAME}_recipe": tower.recipe.describe()}
     clip = comfy.sd.CLIP(target, embedding_directory=embedding_directory, tokenizer_data=tokenizer_data,
                          parameters=comfy.utils.calculate_parameters(tower.sd), model_options=model_options)
+    hf_tokenizer = clip.tokenizer.chinese_clip.tokenizer
+    ids = {"start": hf_tokenizer.cls_token_id, "end": hf_tokenizer.sep_token_id, "pad": hf_tokenizer.pad_token_id}
+    if len(hf_tokenizer) != tower.config["vocab_size"] or ids != tower.special:
+        raise ModelLoadError(tower.tokenizer_dir, f"a tokenizer of {len(hf_tokenizer)} tokens with special ids {ids}",
+                             f"{tower.config['vocab_size']} tokens with special ids {tower.special} (its vocab.txt)")
     missing, unexpected = clip.load_sd(tower.sd)
     if missing or unexpected:  # text_tower.check_complete ran already: this guards against a ComfyUI change
         raise RuntimeError(f"Chinese-CLIP weights did not fit ComfyUI's BERT: missing {missing}, unexpected {unexpected}")

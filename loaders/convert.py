@@ -46,8 +46,9 @@ def _cast(sd, dtype):
 
 
 def _read_unet(folder):
-    from . import unet_layout
+    from . import unet as unet_loader, unet_layout
     unet = unet_layout.read_unet_file(os.path.join(folder, "unet"))
+    unet_loader.check_unet(unet)  # the same completeness check the loaders make
     prediction, schedule = unet_layout.resolve_sampling(unet)
     family = unet_layout.family_name(unet.unet_config, unet.path)
     config_path = os.path.join(folder, "unet", "config.json")
@@ -57,12 +58,15 @@ def _read_unet(folder):
 
 def _read_vae(folder):
     from comfy.diffusers_convert import convert_vae_state_dict
+    from .vae import build_vae
     vae_dir = os.path.join(folder, "vae")
     config_path = os.path.join(vae_dir, "config.json")
     config = read_json(config_path) if os.path.isfile(config_path) else {}
-    sd = read_state_dict(weights_in_folder(vae_dir))
+    weights = weights_in_folder(vae_dir)
+    sd = read_state_dict(weights)
     if "decoder.up_blocks.0.resnets.0.norm1.weight" in sd:  # diffusers layout -> ComfyUI's (LDM) layout
         sd = convert_vae_state_dict(sd)
+    build_vae(sd, weights)  # the same completeness check the loaders make
     factor = 2 ** (len(config.get("block_out_channels", [0] * 4)) - 1)
     return sd, float(config.get("scaling_factor", 0.18215)), factor
 
@@ -72,11 +76,9 @@ def convert_folder(source, models_dir, name=None, dtype="fp16", parts=PARTS, ove
     import safetensors.torch
     from tqdm import tqdm
 
+    from .modelscope import check_folder
     source = os.path.normpath(os.fspath(source))
-    missing = [c for c in ("unet", "text_encoder", "vae") if not os.path.isdir(os.path.join(source, c))]
-    if missing:
-        raise ModelLoadError(source, f"a folder without {', '.join(missing)}/",
-                             "a ModelScope/diffusers model folder with unet/, text_encoder/ and vae/")
+    check_folder(source)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
     name = name or os.path.basename(source)
@@ -164,6 +166,9 @@ def main(argv=None):
         parser.error("ComfyUI was not found around this pack: set COMFYUI_PATH to the ComfyUI folder")
     if comfyui not in sys.path:
         sys.path.append(comfyui)
+    import comfy.cli_args
+    if not torch.cuda.is_available():  # what `python main.py --cpu` does; this command starts no server
+        comfy.cli_args.args.cpu = True
     try:
         written = convert_folder(args.source, args.models_dir, name=args.name, dtype=args.dtype,
                                  parts=(args.only,) if args.only else PARTS, overwrite=args.overwrite,

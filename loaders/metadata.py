@@ -12,7 +12,8 @@ All values are strings (a safetensors rule); structured values are JSON. Keys:
   chinese_sd.latent_scaling_factor  e.g. "0.18215"
   chinese_sd.text_encoder     BERT shape (hidden size, layers, heads, ...)
   chinese_sd.text_recipe      {"name": "modelscope"|"diffusers", "max_length": .., "attention_mask": ..}
-  chinese_sd.tokenizer        {file name: text} of the source's tokenizer files (vocab.txt, tokenizer_config.json, ...)
+  chinese_sd.tokenizer        {"vocab.txt": text, "tokenizer_config.json": text}: the source's vocabulary and
+                              its BERT tokenizer settings (do_lower_case, tokenize_chinese_chars, strip_accents)
   chinese_sd.source, chinese_sd.dtype   informative
 Inside an all-in-one checkpoint the UNet sits under model.diffusion_model., the VAE under
 first_stage_model. (ComfyUI's usual prefixes) and the text tower under chinese_clip. (so that ComfyUI's
@@ -26,7 +27,9 @@ from .errors import ModelLoadError
 FORMAT_VERSION = 1
 P = "chinese_sd."
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "chinese_clip."
-TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json")
+# the BERT tokenizer settings a converted file may carry (anything else, e.g. a vocab_file path, is dropped)
+TOKENIZER_SETTINGS = {"do_lower_case": bool, "tokenize_chinese_chars": bool, "strip_accents": (bool, type(None))}
 
 
 def _json(meta, key, path, kind=dict):
@@ -89,8 +92,14 @@ def read_text_encoder(meta, path):
         raise _malformed(path, "text_recipe", e) from None
     tokenizer = _json(meta, "tokenizer", path) if P + "tokenizer" in meta else {}
     bad = [n for n, text in tokenizer.items() if n not in TOKENIZER_FILES or not isinstance(text, str)]
-    if bad:  # file names come from a shared file: never let them point anywhere else
-        raise _malformed(path, "tokenizer", f"unexpected entry {bad[0]!r}")
+    if bad or (tokenizer and "vocab.txt" not in tokenizer):  # a shared file must not name other files
+        raise _malformed(path, "tokenizer", f"unexpected entry {bad[0]!r}" if bad else "no vocab.txt")
+    if "tokenizer_config.json" in tokenizer:
+        try:
+            settings = json.loads(tokenizer["tokenizer_config.json"])
+        except json.JSONDecodeError as e:
+            raise _malformed(path, "tokenizer", e) from None
+        tokenizer["tokenizer_config.json"] = json.dumps(tokenizer_settings(settings, path))
     return {"config": _json(meta, "text_encoder", path), "recipe": recipe, "tokenizer": tokenizer}
 
 
@@ -103,8 +112,25 @@ def read_unet(meta, path):
         scale = float(scale) if scale else None
     except ValueError as e:
         raise _malformed(path, "latent_scaling_factor", e) from None
-    heads = _json(meta, "unet_heads", path)
-    if not all(isinstance(heads.get(k), int) for k in ("num_heads", "num_head_channels")):
-        raise _malformed(path, "unet_heads", heads)
+    if scale is not None and not 0 < scale < 100:  # (also false for nan and inf)
+        raise _malformed(path, "latent_scaling_factor", scale)
+    raw = _json(meta, "unet_heads", path)
+    heads = {k: raw.get(k) for k in ("num_heads", "num_head_channels")}
+    if not all(isinstance(v, int) for v in heads.values()) or sorted(v > 0 for v in heads.values()) != [False, True] \
+            or -1 not in heads.values():
+        raise _malformed(path, "unet_heads", raw)
     return {"prediction": meta[P + "prediction_type"], "scheduler": _json(meta, "scheduler", path),
             "heads": heads, "latent_scale": scale}
+
+
+def tokenizer_settings(config, path):
+    """Only the whitelisted BERT tokenizer settings, type-checked."""
+    if not isinstance(config, dict):
+        raise _malformed(path, "tokenizer", "tokenizer_config.json is not an object")
+    out = {}
+    for key, kind in TOKENIZER_SETTINGS.items():
+        if key in config:
+            if not isinstance(config[key], kind):
+                raise _malformed(path, "tokenizer", f"{key}={config[key]!r}")
+            out[key] = config[key]
+    return out

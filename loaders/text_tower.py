@@ -5,10 +5,12 @@ from a diffusers/ModelScope text_encoder/ folder, a full Hugging Face ChineseCLI
 training checkpoint, or a single file written by this pack's converter.
 """
 
+import atexit
 import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 
 from . import metadata
@@ -162,24 +164,26 @@ def tokenizer_folder(candidates):
 
 
 def tokenizer_files(tokenizer_dir):
-    """{file name: text} of a tokenizer folder, each JSON file checked (what a converted file embeds)."""
-    out = {}
-    for name in TOKENIZER_FILES:
-        p = os.path.join(tokenizer_dir, name)
-        if os.path.isfile(p):
-            if name.endswith(".json"):
-                read_json(p)
-            with open(p, "r", encoding="utf-8") as f:
-                out[name] = f.read()
+    """What a converted file carries of a tokenizer folder: vocab.txt and the BERT tokenizer settings."""
+    path = os.path.join(tokenizer_dir, "vocab.txt")
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            out = {"vocab.txt": f.read()}
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelLoadError(path, f"an unreadable file ({e})", "a UTF-8 BERT vocab.txt") from None
+    config_path = os.path.join(tokenizer_dir, "tokenizer_config.json")
+    if os.path.isfile(config_path):
+        out["tokenizer_config.json"] = json.dumps(metadata.tokenizer_settings(read_json(config_path), config_path))
     return out
 
 
 def materialize_tokenizer(files):
-    """A private folder (made for this process) holding the given tokenizer files."""
+    """A private folder (made by this process, removed at exit) holding the given tokenizer files."""
     blob = json.dumps(files, sort_keys=True, ensure_ascii=False).encode("utf-8")
     key = hashlib.sha256(blob).hexdigest()
-    if key not in _materialized:
+    if key not in _materialized or not os.path.isdir(_materialized[key]):
         folder = tempfile.mkdtemp(prefix="comfyui-chinese-sd-tokenizer-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
         for name, text in files.items():
             if name not in TOKENIZER_FILES:  # metadata.read_text_encoder refuses these already
                 raise ValueError(f"unexpected tokenizer file name {name!r}")
@@ -253,5 +257,13 @@ def tower_from(sd, meta, path, tokenizer_dir=None, recipe=None):
 
 
 def _tower(sd, bert_config, tokenizer_dir, recipe, path):
-    tokenizer_files(tokenizer_dir)  # its JSON files are readable: a broken one is named here, not deep in transformers
-    return TextTower(sd, bert_config, tokenizer_dir, recipe, path, special_tokens(tokenizer_dir, bert_config["vocab_size"]))
+    special = special_tokens(tokenizer_dir, bert_config["vocab_size"])
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+        file = os.path.join(tokenizer_dir, name)
+        if os.path.isfile(file):  # broken files are named here, not deep inside transformers
+            content = read_json(file)
+            if name == "tokenizer_config.json":
+                metadata.tokenizer_settings(content, file)
+                if not isinstance(content.get("model_max_length", 0), int):
+                    raise ModelLoadError(file, f"model_max_length {content['model_max_length']!r}", "an integer")
+    return TextTower(sd, bert_config, tokenizer_dir, recipe, path, special)

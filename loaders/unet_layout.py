@@ -33,20 +33,22 @@ FAMILY_NAMES = {1024: "sd2.x", 768: "sd1.x"}
 def scheduler_settings(cfg, path):
     """(prediction type, normalized diffusers schedule settings) from a diffusers scheduler config."""
     prediction = cfg.get("prediction_type", "epsilon")
-    if prediction not in PREDICTION_TYPES:
+    if not isinstance(prediction, str) or prediction not in PREDICTION_TYPES:
         raise ModelLoadError(path, f"prediction_type '{prediction}'", f"one of {', '.join(PREDICTION_TYPES)}")
     if cfg.get("trained_betas") is not None:
         raise ModelLoadError(path, "an explicit trained_betas list", "a beta_schedule with beta_start/beta_end")
     schedule = cfg.get("beta_schedule", "linear")  # diffusers' defaults
-    if schedule not in BETA_SCHEDULES:
+    if not isinstance(schedule, str) or schedule not in BETA_SCHEDULES:
         raise ModelLoadError(path, f"beta_schedule '{schedule}'", f"one of {', '.join(BETA_SCHEDULES)}")
-    return prediction, {
-        "beta_schedule": schedule,
-        "beta_start": float(cfg.get("beta_start", 0.0001)),
-        "beta_end": float(cfg.get("beta_end", 0.02)),
-        "num_train_timesteps": int(cfg.get("num_train_timesteps", 1000)),
-        "rescale_betas_zero_snr": bool(cfg.get("rescale_betas_zero_snr", False)),
-    }
+    start, end = cfg.get("beta_start", 0.0001), cfg.get("beta_end", 0.02)
+    steps, zsnr = cfg.get("num_train_timesteps", 1000), cfg.get("rescale_betas_zero_snr", False)
+    numbers = all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 1 for b in (start, end))
+    if not numbers or not start < end or not isinstance(steps, int) or steps < 2 or not isinstance(zsnr, bool):
+        raise ModelLoadError(path, f"beta_start={start!r}, beta_end={end!r}, num_train_timesteps={steps!r}, "
+                             f"rescale_betas_zero_snr={zsnr!r}", "0 < beta_start < beta_end < 1, an integer number "
+                             "of training steps and a true/false zero-SNR flag")
+    return prediction, {"beta_schedule": schedule, "beta_start": float(start), "beta_end": float(end),
+                        "num_train_timesteps": steps, "rescale_betas_zero_snr": zsnr}
 
 
 def comfy_sampling(settings):
@@ -70,6 +72,8 @@ def ldm_config_from_diffusers(sd, path):
         return _ldm_config_from_diffusers(sd, path)
     except KeyError as e:
         raise ModelLoadError(path, f"an incomplete diffusers UNet (no {e})", "a complete UNet") from None
+    except (IndexError, ValueError, AttributeError) as e:
+        raise ModelLoadError(path, f"a diffusers UNet with tensors of unexpected shapes ({e})", "a standard UNet") from None
 
 
 def _ldm_config_from_diffusers(sd, path):
@@ -139,7 +143,8 @@ def heads_from_config(config, unet_config, path):
     channels = [unet_config["model_channels"] * m for m in unet_config["channel_mult"]]
     if isinstance(heads, int):
         heads = [heads] * len(channels)
-    if len(heads) != len(channels) or any(c % h for c, h in zip(channels, heads)):
+    if not isinstance(heads, list) or len(heads) != len(channels) or \
+            any(not isinstance(h, int) or h <= 0 or c % h for c, h in zip(channels, heads)):
         raise ModelLoadError(path, f"attention heads {heads} for block widths {channels}",
                              "head counts that divide each block's width")
     dims = {c // h for c, h in zip(channels, heads)}
@@ -185,7 +190,41 @@ def family_name(unet_config, path):
     if name is None:
         raise ModelLoadError(path, f"a UNet with cross-attention width {unet_config['context_dim']}",
                              "768 (SD1.x family) or 1024 (SD2.x family, Chinese-CLIP ViT-H)")
+    if unet_config.get("transformer_depth_middle", 0) < 1:
+        raise ModelLoadError(path, "a UNet without a cross-attention middle block",
+                             "an SD1.x/SD2.x UNet (they all have one)")
     return name
+
+
+def check_against_config(config, unet_config, path):
+    """The shape read from the weights is the one config.json describes (a block missing from the
+    weights would otherwise load as a smaller, different UNet)."""
+    res = unet_config["num_res_blocks"]
+    layers = config.get("layers_per_block", 2)
+    checks = [
+        ("block_out_channels", config.get("block_out_channels"),
+         [unet_config["model_channels"] * m for m in unet_config["channel_mult"]]),
+        ("layers_per_block", [layers] * len(res) if isinstance(layers, int) else layers, res),
+        ("cross_attention_dim", config.get("cross_attention_dim"), unet_config["context_dim"]),
+        ("in_channels", config.get("in_channels", 4), unet_config["in_channels"]),
+        ("out_channels", config.get("out_channels", 4), unet_config["out_channels"]),
+        ("mid_block_type", config.get("mid_block_type", "UNetMidBlock2DCrossAttn"),
+         "UNetMidBlock2DCrossAttn" if unet_config["transformer_depth_middle"] >= 1 else
+         "UNetMidBlock2D" if unet_config["transformer_depth_middle"] == -1 else None),
+    ]
+    starts = [sum(res[:i]) for i in range(len(res))]
+    down = [any(unet_config["transformer_depth"][a:a + n]) for a, n in zip(starts, res)]
+    out = unet_config["transformer_depth_output"][::-1]  # output blocks, deepest first
+    up_starts = [sum(r + 1 for r in res[::-1][:i]) for i in range(len(res))]
+    up = [any(out[a:a + r + 1]) for a, r in zip(up_starts, res[::-1])]
+    if "down_block_types" in config:
+        checks.append(("down_block_types (cross-attention)", [t.startswith("CrossAttn") for t in config["down_block_types"]], down))
+    if "up_block_types" in config:
+        checks.append(("up_block_types (cross-attention)", [t.startswith("CrossAttn") for t in config["up_block_types"]], up))
+    for name, said, found in checks:
+        if said is not None and said != found:
+            raise ModelLoadError(path, f"weights whose {name} is {found} while config.json says {said}",
+                                 "weights and config.json of the same UNet (a download cut short?)")
 
 
 def default_heads(family):
@@ -217,7 +256,7 @@ def ldm_unet(sd, path):
     import comfy.model_detection  # ComfyUI's own shape detection for its own layout
     try:
         unet_config = comfy.model_detection.detect_unet_config(sd, "")
-    except (KeyError, IndexError) as e:
+    except (KeyError, IndexError, ValueError, AttributeError) as e:
         raise ModelLoadError(path, f"an incomplete LDM UNet (no {e})", "a complete UNet") from None
     if unet_config.get("adm_in_channels") or unet_config.get("context_dim") is None:
         raise ModelLoadError(path, "an LDM UNet with class embeddings or without cross-attention",
@@ -242,6 +281,8 @@ def read_unet_file(location):
         sd, unet_config = diffusers_to_ldm(sd, weights)
     else:
         sd, unet_config = ldm_unet(sd, weights)
+    if config:
+        check_against_config(config, unet_config, weights)
     heads = meta["heads"] if meta else heads_from_config(config, unet_config, config_path) if config else None
     return UNetFile(sd, unet_config, heads, weights, meta, scheduler)
 

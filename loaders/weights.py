@@ -56,7 +56,7 @@ def read_state_dict(path, keep=None):
     if not os.path.isfile(path):
         raise ModelLoadError(path, "no such file", "a weights file (.safetensors, .bin, .pt)")
     lower = path.lower()
-    if lower.endswith(".index.json"):
+    if re.search(r"\.index(\.[a-z0-9]+)?\.json$", lower):  # model.safetensors.index.json, ...index.fp16.json
         return _read_sharded(path, keep)
     if os.path.getsize(path) == 0:
         raise ModelLoadError(path, "an empty file", "a weights file (.safetensors, .bin, .pt)")
@@ -143,6 +143,14 @@ def describe_keys(sd):
 
 
 # Weight file names diffusers and transformers write, in the order we prefer them.
+def _index_names(stem, ext):
+    """Sharded-set index names transformers/diffusers write: model.safetensors.index.json, and for a
+    variant set (stem 'model.fp16') model.safetensors.index.fp16.json."""
+    if stem.endswith(".fp16"):
+        return [f"{stem[:-5]}{ext}.index.fp16.json", f"{stem}{ext}.index.json"]
+    return [f"{stem}{ext}.index.json"]
+
+
 def weights_in_folder(folder, stems=("diffusion_pytorch_model", "model", "pytorch_model")):
     """The weights file (or sharded index) of a diffusers/transformers component folder."""
     candidates = []
@@ -150,7 +158,7 @@ def weights_in_folder(folder, stems=("diffusion_pytorch_model", "model", "pytorc
         for variant in ("", ".fp16"):
             for ext in (".safetensors", ".bin"):
                 candidates.append(f"{stem}{variant}{ext}")
-                candidates.append(f"{stem}{variant}{ext}.index.json")
+                candidates += _index_names(stem + variant, ext)
     for name in candidates:
         p = os.path.join(folder, name)
         if os.path.isfile(p):
@@ -168,9 +176,9 @@ _SHARD = re.compile(r"^(?P<stem>.+)-\d{5}-of-\d{5}\.(?P<ext>safetensors|bin)$")
 def locate_weights(location, stems):
     """(folder, weights path, whether the folder's config files belong to it) for a folder or a file.
 
-    A component folder and a file keeping its diffusers/transformers name (one of stems) own the
-    config.json etc. beside them; a file under any other name in a shared models folder does not.
-    One shard of a sharded set stands for the whole set (its *.index.json).
+    A component folder and a file keeping its diffusers/transformers name (a stem, optionally with a
+    variant such as .fp16, or a shard of such a set) own the config.json etc. beside them; a file
+    under any other name in a shared models folder does not. One shard stands for its whole set.
     """
     location = os.fspath(location)
     if os.path.isdir(location):
@@ -178,8 +186,15 @@ def locate_weights(location, stems):
     folder, name = os.path.split(location)
     shard = _SHARD.match(name)
     if shard:
-        index = os.path.join(folder, f"{shard['stem']}.{shard['ext']}.index.json")
-        if os.path.isfile(index):
-            location, name = index, os.path.basename(index)
-    owns = any(name == s or name.startswith((s + ".", s + "-")) for s in stems)
+        base = shard["stem"]
+    elif name.endswith(".json"):  # a sharded set's index
+        base = name.split(".", 1)[0] + (".fp16" if ".fp16." in name else "")
+    else:
+        base = name.rsplit(".", 1)[0]
+    owns = any(base in (s, s + ".fp16") for s in stems)
+    if shard:
+        index = next((p for p in (os.path.join(folder, n) for n in _index_names(shard["stem"], "." + shard["ext"]))
+                      if os.path.isfile(p)), None)
+        if index is not None:
+            location = index
     return folder, location, owns

@@ -159,13 +159,14 @@ def _converted_text_file(tmp_path, model_folders, meta_update):
 def test_tokenizer_metadata_cannot_write_outside(tmp_path, model_folders, name):
     bad = json.dumps({"vocab.txt": "[PAD]\n", name: "import os\n"})
     path = _converted_text_file(tmp_path, model_folders, {"chinese_sd.tokenizer": bad})
-    before = set(os.listdir("/tmp"))
     expect_error(lambda: text_tower.read_text_encoder(str(path)), path, "malformed metadata")
-    assert set(os.listdir("/tmp")) == before and not os.path.exists(tmp_path.parent / "escaped.py")
+    assert not os.path.exists(tmp_path.parent / "escaped.py") and not os.path.exists("/tmp/absolute.py")
 
 
 @pytest.mark.parametrize("update,phrase", [
     ({"chinese_sd.text_recipe": "{\"name\": \"modelscope\"}"}, "malformed metadata 'chinese_sd.text_recipe'"),
+    ({"chinese_sd.tokenizer": json.dumps({"vocab.txt": "x", "tokenizer_config.json": "{\"do_lower_case\": \"yes\"}"})},
+     "do_lower_case='yes'"),
     ({"chinese_sd.text_encoder": "[1, 2]"}, "holding a list"),
     ({"chinese_sd.tokenizer": "not json"}, "unreadable metadata"),
     ({"chinese_sd.format_version": "7"}, "format version 7"),
@@ -210,3 +211,90 @@ def test_roberta_config_is_refused(tmp_path, model_folders):
     config = json.loads((te / "config.json").read_text(encoding="utf-8"))
     (te / "config.json").write_text(json.dumps({**config, "model_type": "roberta"}), encoding="utf-8")
     expect_error(lambda: text_tower.read_text_encoder(str(te)), "model.safetensors", "model_type 'roberta'")
+
+
+def test_embedded_tokenizer_config_keeps_only_bert_settings(tmp_path, model_folders):
+    """A converted file's tokenizer_config.json cannot point the tokenizer at another vocabulary file."""
+    with open(os.path.join(text_tower.SHIPPED_TOKENIZER, "vocab.txt"), encoding="utf-8") as f:
+        vocab = f.read()
+    elsewhere = tmp_path / "other_vocab.txt"
+    elsewhere.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n", encoding="utf-8")
+    embedded = json.dumps({"vocab.txt": vocab, "tokenizer_config.json": json.dumps(
+        {"do_lower_case": True, "vocab_file": str(elsewhere), "model_max_length": 7})})
+    path = _converted_text_file(tmp_path, model_folders, {"chinese_sd.tokenizer": embedded})
+    tower = text_tower.read_text_encoder(str(path))
+    with open(os.path.join(tower.tokenizer_dir, "tokenizer_config.json"), encoding="utf-8") as f:
+        assert json.load(f) == {"do_lower_case": True}
+    clip = chinese_clip.build_clip(tower, dtype=torch.float32)
+    assert len(clip.tokenizer.chinese_clip.tokenizer) == 21128
+
+
+def test_tokenizer_whose_special_ids_do_not_fit(tmp_path, model_folders):
+    folder = tmp_path / "model"
+    shutil.copytree(model_folders["csd_eps_safetensors"], folder)
+    config_path = folder / "tokenizer" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config_path.write_text(json.dumps({**config, "cls_token": "[unused1]"}), encoding="utf-8")
+    tower = text_tower.read_text_encoder(str(folder / "text_encoder"))
+    expect_error(lambda: chinese_clip.build_clip(tower), "tokenizer", "'start': 1", "'start': 101")
+
+
+def test_vocab_that_is_not_utf8(tmp_path, model_folders):
+    folder = tmp_path / "model"
+    shutil.copytree(model_folders["csd_eps_safetensors"], folder)
+    vocab = folder / "tokenizer" / "vocab.txt"
+    vocab.write_bytes(vocab.read_text(encoding="utf-8").encode("gbk", errors="replace"))
+    expect_error(lambda: text_tower.read_text_encoder(str(folder / "text_encoder")), "vocab.txt", "UTF-8")
+
+
+def test_incomplete_ldm_unet(tmp_path, model_folders):
+    from safetensors.torch import save_file
+    ldm = pack.loaders.unet_layout.read_unet_file(os.path.join(model_folders["csd_eps_safetensors"], "unet")).sd
+    cases = {"no_output_blocks": {k: v for k, v in ldm.items() if not k.startswith("output_blocks.")},
+             "no_mid_block": {k: v for k, v in ldm.items() if not k.startswith("middle_block.")},
+             "half": dict(list(ldm.items())[: len(ldm) // 2])}
+    for name, sd in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, path)
+        expect_error(lambda: unet.load_unet(str(path)), path)
+
+
+@pytest.mark.parametrize("prefix", ["mid_block.", "down_blocks.0.attentions."])
+def test_unet_missing_whole_blocks_is_caught_by_its_config(tmp_path, model_folders, prefix):
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    src = os.path.join(model_folders["csd_eps_safetensors"], "unet")
+    shutil.copy(os.path.join(src, "config.json"), folder / "config.json")
+    sd = weights.read_state_dict(os.path.join(src, "diffusion_pytorch_model.safetensors"))
+    from safetensors.torch import save_file
+    save_file({k: v for k, v in sd.items() if not k.startswith(prefix)}, folder / "diffusion_pytorch_model.safetensors")
+    expect_error(lambda: unet.load_unet(str(folder)), "diffusion_pytorch_model.safetensors")
+
+
+@pytest.mark.parametrize("config,phrase", [
+    ({"beta_start": None}, "beta_start=None"),
+    ({"beta_end": "abc"}, "beta_end='abc'"),
+    ({"num_train_timesteps": "1e3"}, "num_train_timesteps='1e3'"),
+    ({"beta_schedule": ["linear"]}, "beta_schedule"),
+])
+def test_malformed_scheduler_values(tmp_path, model_folders, config, phrase):
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(json.dumps({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, **config}),
+                    encoding="utf-8")
+    unet_dir = os.path.join(model_folders["csd_eps_safetensors"], "unet")
+    expect_error(lambda: unet.load_unet(unet_dir, scheduler_config=str(path)), path, phrase)
+
+
+def test_converter_refuses_what_the_loaders_refuse(tmp_path, model_folders):
+    convert = pack.loaders.convert
+    for component, key in (("unet", "conv_out.bias"), ("vae", "decoder.conv_out.weight")):
+        folder = tmp_path / f"broken_{component}"
+        shutil.copytree(model_folders["csd_eps_safetensors"], folder)
+        weights_path = folder / component / "diffusion_pytorch_model.safetensors"
+        sd = weights.read_state_dict(str(weights_path))
+        del sd[key]
+        from safetensors.torch import save_file
+        save_file(sd, weights_path)
+        with pytest.raises(ModelLoadError, match="missing"):
+            convert.convert_folder(str(folder), str(tmp_path / f"out_{component}"), dtype="fp16")
+        assert not (tmp_path / f"out_{component}").exists()

@@ -114,3 +114,21 @@ def test_one_shard_stands_for_its_set(tmp_path, model_folders, folder_cond):
     assert len(shards) > 1
     tower = text_tower.read_text_encoder(str(shards[-1]))
     assert torch.equal(encode_all(chinese_clip.build_clip(tower, dtype=torch.float32)), folder_cond)
+
+
+def test_names_that_only_look_like_diffusers_names(tmp_path, model_folders, folder_cond):
+    shutil.copy(os.path.join(model_folders[FOLDER], "text_encoder", "model.safetensors"), tmp_path / "model-final.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}), encoding="utf-8")
+    tower = text_tower.read_text_encoder(str(tmp_path / "model-final.safetensors"))
+    assert torch.equal(encode_all(chinese_clip.build_clip(tower, dtype=torch.float32)), folder_cond)
+
+
+def test_fp16_variant_sharded_set(tmp_path, model_folders, folder_cond):
+    from transformers import ChineseCLIPTextModel
+    model = ChineseCLIPTextModel.from_pretrained(os.path.join(model_folders[FOLDER], "text_encoder"))
+    model.save_pretrained(tmp_path, max_shard_size="40MB", variant="fp16")
+    shards = sorted(p.name for p in tmp_path.glob("*-of-*.safetensors"))
+    assert len(shards) > 1 and any(".fp16" in p.name for p in tmp_path.glob("*.json"))
+    for target in (tmp_path, tmp_path / shards[0]):  # the folder, and one shard picked in a dropdown
+        tower = text_tower.read_text_encoder(str(target))
+        assert torch.equal(encode_all(chinese_clip.build_clip(tower, dtype=torch.float32)), folder_cond)
