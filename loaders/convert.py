@@ -45,6 +45,10 @@ def _cast(sd, dtype):
     return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().clone() for k, v in sd.items()}
 
 
+# ComfyUI's model code is imported inside the functions: main() first sets ComfyUI's CPU mode where
+# there is no CUDA device, as `python main.py --cpu` would.
+
+
 def _read_unet(folder):
     from . import unet as unet_loader, unet_layout
     unet = unet_layout.read_unet_file(os.path.join(folder, "unet"))

@@ -1,6 +1,9 @@
-"""The SD VAE as a comfy.sd.VAE (ComfyUI converts diffusers keys itself)."""
+"""The SD VAE as a comfy.sd.VAE (diffusers or ComfyUI key layout), checked complete."""
 
 import os
+
+import comfy.sd
+from comfy.diffusers_convert import convert_vae_state_dict
 
 from .errors import ModelLoadError, check_keys
 from .weights import describe_keys, read_json, read_state_dict, weights_in_folder
@@ -9,8 +12,6 @@ _VAE_KEYS = ("decoder.up_blocks.0.resnets.0.norm1.weight", "decoder.up.0.block.0
 
 
 def build_vae(sd, path):
-    import comfy.sd  # imported here so that the converter can read VAE folders without ComfyUI's device setup
-    from comfy.diffusers_convert import convert_vae_state_dict
     if not any(k in sd for k in _VAE_KEYS):
         raise ModelLoadError(path, describe_keys(sd), "an SD VAE (AutoencoderKL)")
     if _VAE_KEYS[0] in sd:  # diffusers layout -> ComfyUI's, as comfy.sd.VAE would do itself
