@@ -146,7 +146,6 @@ def test_dropdown_entry_that_no_longer_exists(model_folders):
 
 
 def _converted_text_file(tmp_path, model_folders, meta_update):
-    from safetensors.torch import save_file
     tower = text_tower.read_text_encoder(os.path.join(model_folders["csd_eps_safetensors"], "text_encoder"))
     meta = {**pack.loaders.metadata.common("text_encoder", "test", "fp32"),
             **pack.loaders.metadata.text_entries(tower.config, tower.recipe, {}), **meta_update}
@@ -177,7 +176,6 @@ def test_malformed_converter_metadata(tmp_path, model_folders, update, phrase):
 
 
 def test_incomplete_or_misshapen_unet(tmp_path, model_folders):
-    from safetensors.torch import save_file
     sd = weights.read_state_dict(os.path.join(model_folders["csd_eps_safetensors"], "unet",
                                               "diffusion_pytorch_model.safetensors"))
     for key in ("conv_out.weight", "down_blocks.0.resnets.0.conv2.weight", "down_blocks.0.attentions.0.proj_in.weight"):
@@ -248,7 +246,6 @@ def test_vocab_that_is_not_utf8(tmp_path, model_folders):
 
 
 def test_incomplete_ldm_unet(tmp_path, model_folders):
-    from safetensors.torch import save_file
     ldm = pack.loaders.unet_layout.read_unet_file(os.path.join(model_folders["csd_eps_safetensors"], "unet")).sd
     cases = {"no_output_blocks": {k: v for k, v in ldm.items() if not k.startswith("output_blocks.")},
              "no_mid_block": {k: v for k, v in ldm.items() if not k.startswith("middle_block.")},
@@ -266,7 +263,6 @@ def test_unet_missing_whole_blocks_is_caught_by_its_config(tmp_path, model_folde
     src = os.path.join(model_folders["csd_eps_safetensors"], "unet")
     shutil.copy(os.path.join(src, "config.json"), folder / "config.json")
     sd = weights.read_state_dict(os.path.join(src, "diffusion_pytorch_model.safetensors"))
-    from safetensors.torch import save_file
     save_file({k: v for k, v in sd.items() if not k.startswith(prefix)}, folder / "diffusion_pytorch_model.safetensors")
     expect_error(lambda: unet.load_unet(str(folder)), "diffusion_pytorch_model.safetensors")
 
@@ -293,7 +289,6 @@ def test_converter_refuses_what_the_loaders_refuse(tmp_path, model_folders):
         weights_path = folder / component / "diffusion_pytorch_model.safetensors"
         sd = weights.read_state_dict(str(weights_path))
         del sd[key]
-        from safetensors.torch import save_file
         save_file(sd, weights_path)
         with pytest.raises(ModelLoadError, match="missing"):
             convert.convert_folder(str(folder), str(tmp_path / f"out_{component}"), dtype="fp16")
