@@ -167,6 +167,9 @@ def run_prompt_with_messages(server, workflow, timeout=300):
     async def listen():
         async with aiohttp.ClientSession() as session:
             async with session.ws_connect(f"{server.url}/ws?clientId={client_id}") as ws:
+                # the server greets a socket once it has registered it: only then can nothing be missed
+                while json.loads((await ws.receive(timeout=30)).data)["type"] != "status":
+                    pass
                 status, body = await asyncio.to_thread(server.post_json, "/prompt",
                                                        {"prompt": workflow, "client_id": client_id})
                 assert status == 200, body
