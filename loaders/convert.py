@@ -22,7 +22,7 @@ import torch
 
 from . import metadata, text_tower
 from .errors import ModelLoadError
-from .weights import read_json, read_state_dict, weights_in_folder
+from .weights import read_json
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +61,9 @@ def _read_unet(folder):
 
 
 def _read_vae(folder):
-    from comfy.diffusers_convert import convert_vae_state_dict
-    from .vae import build_vae
-    vae_dir = os.path.join(folder, "vae")
-    config_path = os.path.join(vae_dir, "config.json")
-    config = read_json(config_path) if os.path.isfile(config_path) else {}
-    weights = weights_in_folder(vae_dir)
-    sd = read_state_dict(weights)
-    if "decoder.up_blocks.0.resnets.0.norm1.weight" in sd:  # diffusers layout -> ComfyUI's (LDM) layout
-        sd = convert_vae_state_dict(sd)
+    from .vae import build_vae, comfy_layout, read_vae_folder
+    sd, weights, config = read_vae_folder(os.path.join(folder, "vae"))
+    sd = comfy_layout(sd)
     build_vae(sd, weights)  # the same completeness check the loaders make
     factor = 2 ** (len(config.get("block_out_channels", [0] * 4)) - 1)
     return sd, float(config.get("scaling_factor", 0.18215)), factor

@@ -58,8 +58,9 @@ def load_folder(folder, prediction="auto", unet_dtype=None, clip_dtype=None, cli
     """(ModelPatcher, comfy.sd.CLIP, comfy.sd.VAE) from a ModelScope/diffusers Chinese SD folder."""
     folder = os.fspath(folder)
     check_folder(folder)
-    vae_sd, vae_path, scale = read_vae_folder(os.path.join(folder, "vae"))
+    vae_sd, vae_path, vae_config = read_vae_folder(os.path.join(folder, "vae"))
     vae = build_vae(vae_sd, vae_path)
+    scale = vae_config.get("scaling_factor")
     scheduler_config = os.path.join(folder, "scheduler", "scheduler_config.json")
     model = unet.load_unet(os.path.join(folder, "unet"), prediction=prediction, dtype=unet_dtype,
                            scheduler_config=scheduler_config if os.path.isfile(scheduler_config) else None,

@@ -11,11 +11,15 @@ from .weights import describe_keys, read_json, read_state_dict, weights_in_folde
 _VAE_KEYS = ("decoder.up_blocks.0.resnets.0.norm1.weight", "decoder.up.0.block.0.norm1.weight")
 
 
+def comfy_layout(sd):
+    """A VAE state dict in ComfyUI's (LDM) key layout; diffusers keys are converted by ComfyUI's own code."""
+    return convert_vae_state_dict(sd) if _VAE_KEYS[0] in sd else sd
+
+
 def build_vae(sd, path):
     if not any(k in sd for k in _VAE_KEYS):
         raise ModelLoadError(path, describe_keys(sd), "an SD VAE (AutoencoderKL)")
-    if _VAE_KEYS[0] in sd:  # diffusers layout -> ComfyUI's, as comfy.sd.VAE would do itself
-        sd = convert_vae_state_dict(sd)
+    sd = comfy_layout(sd)
     try:
         vae = comfy.sd.VAE(sd=sd)
         vae.throw_exception_if_invalid()
@@ -27,8 +31,8 @@ def build_vae(sd, path):
 
 
 def read_vae_folder(folder):
-    """(state dict, weights path, latent scaling factor or None) of a diffusers vae/ folder."""
+    """(state dict, weights path, config.json contents or {}) of a diffusers vae/ folder."""
     weights = weights_in_folder(folder)
     config_path = os.path.join(folder, "config.json")
-    scale = read_json(config_path).get("scaling_factor") if os.path.isfile(config_path) else None
-    return read_state_dict(weights), weights, scale
+    config = read_json(config_path) if os.path.isfile(config_path) else {}
+    return read_state_dict(weights), weights, config
