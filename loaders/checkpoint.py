@@ -6,7 +6,7 @@ from . import chinese_clip, metadata, text_tower, unet, unet_layout
 from .metadata import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from .errors import ModelLoadError
 from .vae import build_vae
-from .weights import describe_keys, read_metadata, read_state_dict
+from .weights import describe_keys, only_tensors, read_metadata, read_state_dict
 
 
 def load_checkpoint(path, prediction="auto", unet_dtype=None, clip_dtype=None, clip_device=None,
@@ -17,7 +17,7 @@ def load_checkpoint(path, prediction="auto", unet_dtype=None, clip_dtype=None, c
     if metadata.version(meta, path) is None:
         found = "no chinese_sd metadata" if path.lower().endswith((".safetensors", ".sft")) else "a non-safetensors file"
         raise ModelLoadError(path, found, expected)
-    kind = meta.get(metadata.P + "kind")
+    kind = metadata.kind(meta, path)
     if kind != "checkpoint":
         raise ModelLoadError(path, f"a converted '{kind}' file", expected + " (split files go through the "
                              "UNet / text encoder / VAE loaders)")
@@ -31,7 +31,8 @@ def load_checkpoint(path, prediction="auto", unet_dtype=None, clip_dtype=None, c
     unet_meta, text_meta = metadata.read_unet(meta, path), metadata.read_text_encoder(meta, path)
     if unet_meta is None or text_meta is None:
         raise ModelLoadError(path, "chinese_sd metadata without the UNet or text encoder settings", expected)
-    unet_sd, unet_config = unet_layout.ldm_unet(parts[UNET_PREFIX], path)
+    unet_sd, unet_config = unet_layout.ldm_unet(only_tensors(parts[UNET_PREFIX], path), path)
+    unet_layout.check_heads(unet_meta["heads"], unet_config, path, metadata.P + "unet_heads")
     unet_file = unet_layout.UNetFile(unet_sd, unet_config, unet_meta["heads"], path, unet_meta, None)
     prediction, settings = unet_layout.resolve_sampling(unet_file, None, prediction)
     model = unet.build_model(unet_file, prediction, settings, dtype=unet_dtype, latent_scale=unet_meta["latent_scale"])

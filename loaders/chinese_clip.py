@@ -8,6 +8,10 @@ mask only when the text config asks for it (see text_tower.Recipe).
 """
 
 import logging
+import math
+import os
+import re
+import tempfile
 
 import torch
 from transformers import BertTokenizer
@@ -18,14 +22,22 @@ from comfy import sd1_clip
 from comfy.supported_models_base import ClipTarget
 from comfy.text_encoders.bert import BertModel
 
-from .errors import ModelLoadError
-from .text_tower import MODELSCOPE, SHIPPED_TOKENIZER
+from .errors import ModelLoadError, PromptError
+from .text_tower import MODELSCOPE
+from .tokenizer_files import SHIPPED_FOLDER
 
 log = logging.getLogger(__name__)
 
 NAME = "chinese_clip"
 LONG_PROMPT_OPTION = f"{NAME}_long_prompt"
 LONG_PROMPT_MODES = ("truncate", "chunk")
+# Prompt weights: ComfyUI multiplies by 1.1 per pair of parentheses and reads (word:w); a weight beyond
+# this, or not a finite number, is refused rather than turned into inf/NaN conditioning.
+MAX_WEIGHT = 100.0
+MAX_NESTING = 32  # parentheses nested deeper than this are refused (each level is a pass over the prompt)
+# Lone surrogates (possible in JSON strings) and NUL: the slow BERT tokenizer drops both as control
+# characters, the fast one (transformers 5) fails on surrogates, and ComfyUI uses NUL to escape "\\(".
+_DROPPED = re.compile("[\x00\ud800-\udfff]")
 
 
 class ChineseCLIPTokenizer(sd1_clip.SDTokenizer):
@@ -36,22 +48,38 @@ class ChineseCLIPTokenizer(sd1_clip.SDTokenizer):
     """
 
     def __init__(self, embedding_directory=None, tokenizer_data={}):
-        super().__init__(
-            tokenizer_data.get(f"{NAME}_tokenizer_path", SHIPPED_TOKENIZER),
-            max_length=MODELSCOPE.max_length,  # tokenizer_data's 'chinese_clip_max_length' overrides it
-            pad_with_end=False,
-            embedding_directory=embedding_directory,
-            embedding_size=tokenizer_data.get(f"{NAME}_embedding_size", 1024),
-            embedding_key=NAME,
-            tokenizer_class=BertTokenizer,
-            pad_to_max_length=True,
-            tokenizer_data=tokenizer_data,
-        )
+        files = tokenizer_data.get(f"{NAME}_tokenizer_files")  # checked vocabulary and settings (tokenizer_files)
+        with tempfile.TemporaryDirectory(prefix="comfyui-chinese-sd-tokenizer-") as private:
+            if files:  # transformers reads a private copy holding only those, removed right after
+                for name, text in files.items():
+                    with open(os.path.join(private, os.path.basename(name)), "w", encoding="utf-8", newline="\n") as f:
+                        f.write(text)
+            super().__init__(
+                private if files else SHIPPED_FOLDER,
+                max_length=MODELSCOPE.max_length,  # tokenizer_data's 'chinese_clip_max_length' overrides it
+                pad_with_end=False,
+                embedding_directory=embedding_directory,
+                embedding_size=tokenizer_data.get(f"{NAME}_embedding_size", 1024),
+                embedding_key=NAME,
+                tokenizer_class=BertTokenizer,
+                pad_to_max_length=True,
+                tokenizer_data=tokenizer_data,
+            )
         self.pad_token = self.tokenizer.pad_token_id
         self.recipe = tokenizer_data.get(f"{NAME}_recipe", MODELSCOPE.describe())
 
     def tokenize_with_weights(self, text, return_word_ids=False, tokenizer_options={}, **kwargs):
-        windows = super().tokenize_with_weights(text, return_word_ids, tokenizer_options=tokenizer_options, **kwargs)
+        text = _DROPPED.sub("", text)
+        check_nesting(text)
+        try:
+            windows = super().tokenize_with_weights(text, return_word_ids, tokenizer_options=tokenizer_options,
+                                                    **kwargs)
+        except IndexError:  # ComfyUI's tokenizer fails so on "embedding:" followed by no name
+            if "embedding:" not in text:
+                raise
+            raise PromptError("The prompt has 'embedding:' with no embedding name after it; write "
+                              "embedding:<file name> or remove it.") from None
+        check_weights(windows)
         mode = tokenizer_options.get(LONG_PROMPT_OPTION, "truncate")
         if mode == "truncate" and len(windows) > 1:
             special = {self.start_token, self.end_token, self.pad_token}
@@ -61,6 +89,32 @@ class ChineseCLIPTokenizer(sd1_clip.SDTokenizer):
                         self.max_length, dropped)
             windows = windows[:1]
         return windows
+
+
+def check_nesting(text):
+    """Refuse parentheses nested deeper than MAX_NESTING (ComfyUI parses each level in a pass of its own;
+    escaped ones, \\( and \\), are plain text)."""
+    depth = deepest = 0
+    for char in sd1_clip.escape_important(text):
+        if char == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char == ")" and depth:
+            depth -= 1
+    if deepest > MAX_NESTING:
+        raise PromptError(f"The prompt nests parentheses {deepest} deep; at most {MAX_NESTING} levels are "
+                          "supported (each level multiplies the weight by 1.1; write (word:1.5) instead).")
+
+
+def check_weights(windows):
+    """Refuse token weights that are not finite or beyond MAX_WEIGHT."""
+    for window in windows:
+        for token in window:
+            weight = token[1]
+            if not (math.isfinite(weight) and abs(weight) <= MAX_WEIGHT):
+                raise PromptError(f"The prompt gives a token the weight {weight!r}; expected a finite weight from "
+                                  f"-{MAX_WEIGHT:g} to {MAX_WEIGHT:g}, e.g. (词:1.2) (nested parentheses multiply "
+                                  "by 1.1 each).")
 
 
 class ChineseCLIPTokenizerSet(sd1_clip.SD1Tokenizer):
@@ -79,6 +133,13 @@ class ChineseCLIPTextModel(sd1_clip.SDClipModel):
                          enable_attention_masks=attention_mask, return_attention_masks=False,
                          model_options=model_options)
 
+    def encode_token_weights(self, token_weight_pairs):
+        out = super().encode_token_weights(token_weight_pairs)
+        if not torch.isfinite(out[0]).all():  # e.g. an embedding file holding NaN, or fp16 overflow
+            raise PromptError("Chinese-CLIP produced non-finite conditioning for this prompt (an embedding with "
+                              "NaN/inf values, or an overflow in half precision: try the text encoder in fp32).")
+        return out
+
 
 def recipe_of(clip):
     """The encode recipe a CLIP built here follows (None for other CLIPs)."""
@@ -96,16 +157,17 @@ def build_clip(tower, dtype=None, device=None, embedding_directory=None):
     target = ClipTarget(ChineseCLIPTokenizerSet, sd1_clip.SD1ClipModel)
     target.params = {"name": NAME, "clip_model": ChineseCLIPTextModel, "bert_config": tower.config,
                      "special_tokens": tower.special, "attention_mask": tower.recipe.attention_mask}
-    tokenizer_data = {f"{NAME}_tokenizer_path": tower.tokenizer_dir,
-                      f"{NAME}_embedding_size": tower.config["hidden_size"],
+    tokenizer_data = {f"{NAME}_embedding_size": tower.config["hidden_size"],
                       f"{NAME}_max_length": tower.recipe.max_length,
                       f"{NAME}_recipe": tower.recipe.describe()}
+    if not tower.tokenizer.shipped:
+        tokenizer_data[f"{NAME}_tokenizer_files"] = tower.tokenizer.files()
     clip = comfy.sd.CLIP(target, embedding_directory=embedding_directory, tokenizer_data=tokenizer_data,
                          parameters=comfy.utils.calculate_parameters(tower.sd), model_options=model_options)
     hf_tokenizer = clip.tokenizer.chinese_clip.tokenizer
     ids = {"start": hf_tokenizer.cls_token_id, "end": hf_tokenizer.sep_token_id, "pad": hf_tokenizer.pad_token_id}
     if len(hf_tokenizer) != tower.config["vocab_size"] or ids != tower.special:
-        raise ModelLoadError(tower.tokenizer_dir, f"a tokenizer of {len(hf_tokenizer)} tokens with special ids {ids}",
+        raise ModelLoadError(tower.tokenizer.source, f"a tokenizer of {len(hf_tokenizer)} tokens with special ids {ids}",
                              f"{tower.config['vocab_size']} tokens with special ids {tower.special} (its vocab.txt)")
     missing, unexpected = clip.load_sd(tower.sd)
     if missing or unexpected:  # text_tower.check_complete ran already: this guards against a ComfyUI change

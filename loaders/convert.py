@@ -14,15 +14,18 @@ native resolution, text recipe and a format version. Existing files are kept unl
 """
 
 import argparse
+import contextlib
+import importlib.util
 import logging
 import os
+import stat
 import sys
+import unicodedata
 
 import torch
 
 from . import metadata, text_tower
 from .errors import ModelLoadError
-from .weights import read_json
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +33,58 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PARTS = ("checkpoint", "split")
 
 
+WINDOWS_FORBIDDEN = '<>:"/\\|?*'  # besides control characters
+WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+MAX_NAME_BYTES = 200  # file systems allow 255 bytes; the longest suffix added is "_chinese_clip.safetensors.partial"
+
+
+class InvalidNameError(ValueError):
+    """The name given (or the source folder's name) cannot be the base name of the written files."""
+
+
+def _name_problem(name):
+    if not isinstance(name, str):
+        return f"it is a {type(name).__name__}, not text"
+    if not name:
+        return "it is empty"
+    if name in (".", ".."):
+        return "it names a folder"
+    for c in name:
+        if c in "/\\":
+            return f"it contains {c!r}, a path separator"
+        if c == ":":
+            return "it contains ':', a drive or stream separator on Windows"
+        if unicodedata.category(c) == "Cc":
+            return f"it contains the control character {c!r}"
+        if c in WINDOWS_FORBIDDEN:
+            return f"it contains {c!r}, which Windows forbids in file names"
+    if name != name.strip():
+        return "it starts or ends with white space"
+    if name.endswith("."):
+        return "it ends with a dot, which Windows drops"
+    if name.split(".")[0].upper() in WINDOWS_DEVICES:
+        return "it is a device name on Windows"
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "it holds bytes that are not valid text"
+    if size > MAX_NAME_BYTES:
+        return f"it is {size} bytes long in UTF-8 (at most {MAX_NAME_BYTES})"
+    return None
+
+
+def check_name(name, what="name"):
+    """InvalidNameError unless name can be the base name of a file in models/<kind>/, on any system."""
+    problem = _name_problem(name)
+    if problem:
+        raise InvalidNameError(
+            f"Invalid {what} {name!r}: {problem}; expected a plain file name (no folders, none of "
+            f"< > : \" / \\ | ? * or control characters, no leading or trailing spaces), e.g. 小模型 or my-model.")
+
+
 def output_paths(models_dir, name, parts):
+    """{kind: path} of the files written for name; InvalidNameError if name is not a plain file name."""
+    check_name(name)
     out = {}
     if "checkpoint" in parts:
         out["checkpoint"] = os.path.join(models_dir, "checkpoints", f"{name}.safetensors")
@@ -55,18 +109,17 @@ def _read_unet(folder):
     unet_loader.check_unet(unet)  # the same completeness check the loaders make
     prediction, schedule = unet_layout.resolve_sampling(unet)
     family = unet_layout.family_name(unet.unet_config, unet.path)
-    config_path = os.path.join(folder, "unet", "config.json")
-    sample_size = read_json(config_path).get("sample_size", 64) if os.path.isfile(config_path) else 64
+    sample_size = unet_layout.sample_size(unet.config)
     return unet.sd, family, unet.heads or unet_layout.default_heads(family), prediction, schedule, sample_size
 
 
 def _read_vae(folder):
-    from .vae import build_vae, comfy_layout, read_vae_folder
+    from .vae import build_vae, comfy_layout, read_vae_folder, vae_settings
     sd, weights, config = read_vae_folder(os.path.join(folder, "vae"))
+    scale, factor = vae_settings(config)
     sd = comfy_layout(sd)
     build_vae(sd, weights)  # the same completeness check the loaders make
-    factor = 2 ** (len(config.get("block_out_channels", [0] * 4)) - 1)
-    return sd, float(config.get("scaling_factor", 0.18215)), factor
+    return sd, scale, factor
 
 
 def convert_folder(source, models_dir, name=None, dtype="fp16", parts=PARTS, overwrite=False, progress=False):
@@ -79,7 +132,9 @@ def convert_folder(source, models_dir, name=None, dtype="fp16", parts=PARTS, ove
     check_folder(source)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
-    name = name or os.path.basename(source)
+    if name is None:
+        name = os.path.basename(source)
+        check_name(name, "file name from the folder's name (choose one with --name)")
     targets = output_paths(models_dir, name, parts)
     existing = [p for p in targets.values() if os.path.exists(p)]
     if existing and not overwrite:
@@ -100,7 +155,7 @@ def convert_folder(source, models_dir, name=None, dtype="fp16", parts=PARTS, ove
     unet_sd, vae_sd = _cast(unet_sd, torch_dtype), _cast(vae_sd, torch_dtype)
     text_sd = _cast(tower.sd, torch_dtype)
     unet_meta = metadata.unet_entries(family, prediction, schedule, heads, sample_size * vae_factor, latent_scale)
-    text_meta = metadata.text_entries(tower.config, tower.recipe, text_tower.tokenizer_files(tower.tokenizer_dir))
+    text_meta = metadata.text_entries(tower.config, tower.recipe, tower.tokenizer.files())
     files = {
         "checkpoint": ({**{metadata.UNET_PREFIX + k: v for k, v in unet_sd.items()},
                         **{metadata.VAE_PREFIX + k: v for k, v in vae_sd.items()},
@@ -114,29 +169,91 @@ def convert_folder(source, models_dir, name=None, dtype="fp16", parts=PARTS, ove
         tensors, meta = files[kind]
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + ".partial"
-        safetensors.torch.save_file(tensors, tmp, metadata={**metadata.common(kind, name, dtype), **meta})
-        os.replace(tmp, path)
+        try:
+            mode = _new_file_mode(tmp)
+            safetensors.torch.save_file(tensors, tmp, metadata={**metadata.common(kind, name, dtype), **meta})
+            os.chmod(tmp, mode)  # save_file makes 0600 files, which a ComfyUI run by another user can't read
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
         log.info("wrote %s", path)
         bar.update()
     bar.close()
     return targets
 
 
+def _new_file_mode(path):
+    """Create path empty and return its permissions: what the umask gives a new file (0o666 & ~umask)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)  # left by an interrupted run
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        return stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+
+
 # ----------------------------------------------------------------------------------------------
 # command line
 
 
-def find_comfyui(start):
-    """The ComfyUI folder above this pack (ComfyUI/custom_nodes/<pack>/loaders), or $COMFYUI_PATH."""
-    candidates = [os.environ.get("COMFYUI_PATH")]
-    here = os.path.realpath(start)
-    for _ in range(4):
-        here = os.path.dirname(here)
-        candidates.append(here)
-    for path in candidates:
-        if path and os.path.isfile(os.path.join(path, "comfy", "utils.py")):
-            return path
-    return None
+def is_comfyui(path):
+    return bool(path) and os.path.isfile(os.path.join(path, "comfy", "utils.py"))
+
+
+def _shell_cwd():
+    """$PWD when it names the working directory: the shell keeps the links in it, os.getcwd() resolves them."""
+    pwd = os.environ.get("PWD")
+    try:
+        return pwd if pwd and os.path.isabs(pwd) and os.path.samefile(pwd, os.getcwd()) else None
+    except OSError:
+        return None
+
+
+def comfyui_candidates(start=__file__):
+    """Where ComfyUI may be: $COMFYUI_PATH, then the folders above this pack (ComfyUI/custom_nodes/<pack>/
+    loaders/convert.py) as imported and as the shell's working directory names them, which keep a linked
+    pack's place in custom_nodes/, then the same with the links resolved."""
+    candidates = []
+    if os.environ.get("COMFYUI_PATH"):
+        candidates.append(os.path.abspath(os.path.expanduser(os.environ["COMFYUI_PATH"])))
+    cwd = _shell_cwd()
+    candidates += _parents(os.path.abspath(start), 4)
+    if cwd:  # the pack's folder, or ComfyUI's own
+        candidates += [cwd] + _parents(cwd, 3)
+    candidates += _parents(os.path.realpath(start), 4)
+    return list(dict.fromkeys(candidates))
+
+
+def _parents(path, count):
+    out = []
+    for _ in range(count):
+        path = os.path.dirname(path)
+        out.append(path)
+    return out
+
+
+def find_comfyui(start=__file__):
+    """The ComfyUI folder this pack is installed in, or $COMFYUI_PATH; None if there is none."""
+    return next((path for path in comfyui_candidates(start) if is_comfyui(path)), None)
+
+
+def _comfy_importable():
+    """Whether ComfyUI's `comfy` package imports as things stand (ComfyUI already on sys.path)."""
+    try:
+        spec = importlib.util.find_spec("comfy")
+    except (ImportError, ValueError):
+        return False
+    return spec is not None and any(os.path.isfile(os.path.join(p, "utils.py"))
+                                    for p in (spec.submodule_search_locations or []))
+
+
+def _not_found(parser, looked_first=(), hint=""):
+    looked = ", ".join(dict.fromkeys([*looked_first, *comfyui_candidates()]))
+    parser.error(f"ComfyUI was not found (no comfy/utils.py in: {looked}): set COMFYUI_PATH to the ComfyUI "
+                 f"folder (the one holding main.py and comfy/){hint}")
 
 
 def main(argv=None):
@@ -144,35 +261,56 @@ def main(argv=None):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    comfyui = find_comfyui(__file__)
     parser = argparse.ArgumentParser(
         prog="python -m loaders.convert",
         description="Convert a ModelScope/diffusers Chinese Stable Diffusion folder into single .safetensors "
                     "files for ComfyUI (an all-in-one checkpoint and split UNet / text encoder / VAE files).")
     parser.add_argument("source", help="the model folder (with unet/, text_encoder/, tokenizer/, vae/, scheduler/)")
-    parser.add_argument("--models-dir", default=os.path.join(comfyui, "models") if comfyui else None,
+    parser.add_argument("--models-dir",
                         help="ComfyUI's models folder (default: the one of the ComfyUI this pack is installed in)")
-    parser.add_argument("--name", help="base name of the files (default: the folder's name)")
+    parser.add_argument("--name", help="base name of the files, a file name without folders "
+                                       "(default: the folder's name)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="weight precision (default fp16)")
     parser.add_argument("--only", choices=list(PARTS), help="write only the all-in-one checkpoint or only the split files")
     parser.add_argument("--overwrite", action="store_true", help="replace files that already exist")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.name is not None:
+        try:
+            check_name(args.name)
+        except InvalidNameError as e:
+            parser.error(f"--name: {e}")
     if args.models_dir is None:
-        parser.error("ComfyUI was not found around this pack: pass --models-dir")
-    if comfyui is None:
-        parser.error("ComfyUI was not found around this pack: set COMFYUI_PATH to the ComfyUI folder")
-    if comfyui not in sys.path:
+        comfyui = find_comfyui()
+        if comfyui is None:
+            _not_found(parser, hint=", or pass --models-dir with ComfyUI's models folder")
+        models_dir = os.path.join(comfyui, "models")
+    else:  # ComfyUI's code is still needed, but no search for it when it is at hand
+        models_dir = args.models_dir
+        if not os.path.isdir(models_dir):
+            parser.error(f"--models-dir {models_dir!r} is not a folder; expected ComfyUI's models folder")
+        parents = (os.path.dirname(os.path.abspath(models_dir)), os.path.dirname(os.path.realpath(models_dir)))
+        if _comfy_importable():
+            comfyui = None
+        else:
+            comfyui = next((p for p in parents if is_comfyui(p)), None) or find_comfyui()
+            if comfyui is None:
+                _not_found(parser, parents)
+    if comfyui and comfyui not in sys.path:
         sys.path.append(comfyui)
     import comfy.cli_args
+    from safetensors import SafetensorError
     if not torch.cuda.is_available():  # what `python main.py --cpu` does; this command starts no server
         comfy.cli_args.args.cpu = True
     try:
-        written = convert_folder(args.source, args.models_dir, name=args.name, dtype=args.dtype,
+        written = convert_folder(args.source, models_dir, name=args.name, dtype=args.dtype,
                                  parts=(args.only,) if args.only else PARTS, overwrite=args.overwrite,
                                  progress=not args.no_progress)
-    except (ModelLoadError, FileExistsError) as e:
+    except (ModelLoadError, FileExistsError, InvalidNameError) as e:
         log.error("%s", e)
+        return 1
+    except (OSError, SafetensorError) as e:  # a folder that can't be written, a full disk
+        log.error("Cannot write the files in %s: %s", models_dir, e)
         return 1
     log.info("done: %d file(s) written", len(written))
     return 0

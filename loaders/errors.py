@@ -17,6 +17,10 @@ class ModelLoadError(Exception):
         super().__init__(f"Cannot load '{self.path}': found {found}; expected {expected}.")
 
 
+class PromptError(ValueError):
+    """A prompt the encode node cannot turn into finite conditioning (said in one line, like ModelLoadError)."""
+
+
 def check_keys(path, expected, found, what):
     """ModelLoadError unless the tensor names found are exactly the expected ones."""
     missing = sorted(set(expected) - set(found))

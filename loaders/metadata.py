@@ -13,7 +13,7 @@ All values are strings (a safetensors rule); structured values are JSON. Keys:
   chinese_sd.text_encoder     BERT shape (hidden size, layers, heads, ...)
   chinese_sd.text_recipe      {"name": "modelscope"|"diffusers", "max_length": .., "attention_mask": ..}
   chinese_sd.tokenizer        {"vocab.txt": text, "tokenizer_config.json": text}: the source's vocabulary and
-                              its BERT tokenizer settings (do_lower_case, tokenize_chinese_chars, strip_accents)
+                              its BERT tokenizer settings (casing, accents, special tokens)
   chinese_sd.source, chinese_sd.dtype   informative
 Inside an all-in-one checkpoint the UNet sits under model.diffusion_model., the VAE under
 first_stage_model. (ComfyUI's usual prefixes) and the text tower under chinese_clip. (so that ComfyUI's
@@ -21,32 +21,35 @@ stock checkpoint loader finds no text encoder instead of building an OpenCLIP on
 """
 
 import json
+import math
+import re
 
+from . import tokenizer_files
 from .errors import ModelLoadError
+from .values import Values, parse_json, show
 
 FORMAT_VERSION = 1
 P = "chinese_sd."
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "chinese_clip."
-TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json")
-# the BERT tokenizer settings a converted file may carry (anything else, e.g. a vocab_file path, is dropped)
-TOKENIZER_SETTINGS = {"do_lower_case": bool, "tokenize_chinese_chars": bool, "strip_accents": (bool, type(None))}
+KINDS = ("checkpoint", "unet", "text_encoder", "vae")
+RECIPES = ("modelscope", "diffusers")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# what a VAE's latent scaling factor may be (SD 0.18215, SDXL 0.13025, SD3 1.5305)
+LATENT_SCALE_RANGE = (0.01, 10.0)
 
 
-def _json(meta, key, path, kind=dict):
-    try:
-        value = json.loads(meta[P + key])
-    except KeyError:
-        raise ModelLoadError(path, f"metadata without '{P + key}'", "a complete chinese_sd metadata block") from None
-    except json.JSONDecodeError:
-        raise ModelLoadError(path, f"unreadable metadata '{P + key}'", "JSON metadata written by the converter") from None
-    if not isinstance(value, kind):
-        raise ModelLoadError(path, f"metadata '{P + key}' holding a {type(value).__name__}",
-                             f"a JSON {kind.__name__} written by the converter")
+def _object(meta, key, path):
+    """Values of a metadata entry holding a JSON object."""
+    if P + key not in meta:
+        raise ModelLoadError(path, f"metadata without '{P + key}'", "a complete chinese_sd metadata block")
+    return Values(parse_json(meta[P + key], path, f"metadata '{P + key}'"), path, f"{P}{key}: ")
+
+
+def _text(meta, key, path, options):
+    value = meta.get(P + key)
+    if value not in options:
+        raise ModelLoadError(path, f"metadata '{P + key}' = {show(value)}", "one of " + ", ".join(options))
     return value
-
-
-def _malformed(path, key, error):
-    return ModelLoadError(path, f"malformed metadata '{P + key}' ({error})", "metadata written by the converter")
 
 
 def version(meta, path):
@@ -54,10 +57,26 @@ def version(meta, path):
     raw = meta.get(P + "format_version")
     if raw is None:
         return None
-    if not raw.isdigit() or int(raw) > FORMAT_VERSION:
-        raise ModelLoadError(path, f"chinese_sd format version {raw}",
+    if not re.fullmatch(r"[0-9]{1,6}", raw) or not 1 <= int(raw) <= FORMAT_VERSION:
+        raise ModelLoadError(path, f"chinese_sd format version {show(raw)}",
                              f"version {FORMAT_VERSION} or older (update this node pack to read newer files)")
     return int(raw)
+
+
+def kind(meta, path):
+    return _text(meta, "kind", path, KINDS)
+
+
+def latent_scale(text, path, key):
+    """A VAE latent scaling factor from text (metadata) or a number (a config), checked."""
+    try:
+        value = float(text) if isinstance(text, str) and len(text) < 64 else text
+    except ValueError:
+        value = text
+    lo, hi = LATENT_SCALE_RANGE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not lo <= value <= hi:
+        raise ModelLoadError(path, f"'{key}' = {show(text)}", f"a number from {lo} to {hi} (SD's VAE: 0.18215)")
+    return float(value)
 
 
 def common(kind, source, dtype_name):
@@ -81,56 +100,29 @@ def text_entries(bert_config, recipe, tokenizer):
 
 
 def read_text_encoder(meta, path):
-    """{'config', 'recipe', 'tokenizer'} from a converted file's metadata, or None for other files."""
+    """{'config': Values, 'recipe', 'tokenizer'} from a converted file's metadata, or None for other files."""
     if version(meta, path) is None or P + "text_encoder" not in meta:
         return None
     from .text_tower import Recipe
-    r = _json(meta, "text_recipe", path)
-    try:
-        recipe = Recipe(str(r["name"]), int(r["max_length"]), bool(r["attention_mask"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise _malformed(path, "text_recipe", e) from None
-    tokenizer = _json(meta, "tokenizer", path) if P + "tokenizer" in meta else {}
-    bad = [n for n, text in tokenizer.items() if n not in TOKENIZER_FILES or not isinstance(text, str)]
-    if bad or (tokenizer and "vocab.txt" not in tokenizer):  # a shared file must not name other files
-        raise _malformed(path, "tokenizer", f"unexpected entry {bad[0]!r}" if bad else "no vocab.txt")
-    if "tokenizer_config.json" in tokenizer:
-        try:
-            settings = json.loads(tokenizer["tokenizer_config.json"])
-        except json.JSONDecodeError as e:
-            raise _malformed(path, "tokenizer", e) from None
-        tokenizer["tokenizer_config.json"] = json.dumps(tokenizer_settings(settings, path))
-    return {"config": _json(meta, "text_encoder", path), "recipe": recipe, "tokenizer": tokenizer}
+    r = _object(meta, "text_recipe", path)
+    recipe = Recipe(r.choice("name", RECIPES), r.integer("max_length", lo=1, hi=10**6), r.boolean("attention_mask"),
+                    origin=(path, P + "text_recipe: max_length"))
+    tokenizer = None
+    if P + "tokenizer" in meta:
+        tokenizer = tokenizer_files.from_files(_object(meta, "tokenizer", path).data, path, P + "tokenizer: ")
+    return {"config": _object(meta, "text_encoder", path), "recipe": recipe, "tokenizer": tokenizer}
 
 
 def read_unet(meta, path):
-    """{'prediction', 'scheduler', 'heads', 'latent_scale'} from a converted file's metadata, or None."""
+    """{'prediction', 'scheduler' (Values), 'heads', 'latent_scale'} from a converted file's metadata, or None."""
     if version(meta, path) is None or P + "prediction_type" not in meta:
         return None
     scale = meta.get(P + "latent_scaling_factor")
-    try:
-        scale = float(scale) if scale else None
-    except ValueError as e:
-        raise _malformed(path, "latent_scaling_factor", e) from None
-    if scale is not None and not 0 < scale < 100:  # (also false for nan and inf)
-        raise _malformed(path, "latent_scaling_factor", scale)
-    raw = _json(meta, "unet_heads", path)
-    heads = {k: raw.get(k) for k in ("num_heads", "num_head_channels")}
-    if not all(isinstance(v, int) for v in heads.values()) or sorted(v > 0 for v in heads.values()) != [False, True] \
-            or -1 not in heads.values():
-        raise _malformed(path, "unet_heads", raw)
-    return {"prediction": meta[P + "prediction_type"], "scheduler": _json(meta, "scheduler", path),
-            "heads": heads, "latent_scale": scale}
-
-
-def tokenizer_settings(config, path):
-    """Only the whitelisted BERT tokenizer settings, type-checked."""
-    if not isinstance(config, dict):
-        raise _malformed(path, "tokenizer", "tokenizer_config.json is not an object")
-    out = {}
-    for key, kind in TOKENIZER_SETTINGS.items():
-        if key in config:
-            if not isinstance(config[key], kind):
-                raise _malformed(path, "tokenizer", f"{key}={config[key]!r}")
-            out[key] = config[key]
-    return out
+    if scale is not None:
+        scale = latent_scale(scale, path, P + "latent_scaling_factor")
+    heads = _object(meta, "unet_heads", path)
+    found = {k: heads.integer(k, lo=-1, hi=4096) for k in ("num_heads", "num_head_channels")}
+    if sorted(v > 0 for v in found.values()) != [False, True] or -1 not in found.values():
+        heads.fail("num_heads", found, "one of num_heads / num_head_channels positive, the other -1")
+    return {"prediction": _text(meta, "prediction_type", path, PREDICTION_TYPES),
+            "scheduler": _object(meta, "scheduler", path), "heads": found, "latent_scale": scale}

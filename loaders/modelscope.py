@@ -4,36 +4,12 @@ import os
 
 from . import chinese_clip, text_tower, unet
 from .errors import ModelLoadError
-from .vae import build_vae, read_vae_folder
-from .weights import read_json
+from .folders import find_model_folders, is_model_folder  # noqa: F401  (nodes/choices.py imports it from here)
+from .text_tower import TEXT_ENCODER_CLASSES
+from .vae import build_vae, read_vae_folder, vae_settings
+from .values import show
 
 COMPONENTS = ("unet", "text_encoder", "vae")
-TEXT_ENCODER_CLASSES = ("ChineseCLIPTextModel", "BertModel")
-
-
-def is_model_folder(path):
-    """A folder in the diffusers layout holding at least a UNet and a text encoder."""
-    return os.path.isfile(os.path.join(path, "model_index.json")) or (
-        os.path.isdir(os.path.join(path, "unet")) and os.path.isdir(os.path.join(path, "text_encoder")))
-
-
-def find_model_folders(roots, component=None):
-    """Model folders below the given roots, as paths relative to their root (with '/' separators).
-
-    component: only folders having that subfolder (e.g. 'unet', 'text_encoder').
-    """
-    found = set()
-    for root in roots:
-        if not os.path.isdir(root):
-            continue
-        for dirpath, dirnames, _ in os.walk(root, followlinks=True):
-            if is_model_folder(dirpath) and dirpath != root:
-                if component is None or os.path.isdir(os.path.join(dirpath, component)):
-                    found.add(os.path.relpath(dirpath, root).replace(os.sep, "/"))
-                dirnames[:] = []  # a model folder's own subfolders are components, not models
-            elif os.path.relpath(dirpath, root).count(os.sep) >= 3:
-                dirnames[:] = []
-    return sorted(found)
 
 
 def check_folder(folder):
@@ -44,13 +20,11 @@ def check_folder(folder):
         present = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n)))
         raise ModelLoadError(folder, f"subfolders {present or 'none'} (missing {', '.join(missing)})",
                              "the ModelScope layout with unet/, text_encoder/, tokenizer/, vae/ and scheduler/")
-    index_path = os.path.join(folder, "model_index.json")
-    if os.path.isfile(index_path):
-        te = read_json(index_path).get("text_encoder")
-        if isinstance(te, list) and len(te) == 2 and te[1] not in TEXT_ENCODER_CLASSES:
-            raise ModelLoadError(index_path, f"a pipeline whose text encoder is {te[0]}.{te[1]}",
-                                 "a Chinese SD pipeline with a Chinese-CLIP/BERT text encoder "
-                                 f"({', '.join(TEXT_ENCODER_CLASSES)})")
+    te_class = text_tower.text_encoder_class(folder)
+    if te_class is not None and te_class not in TEXT_ENCODER_CLASSES:
+        raise ModelLoadError(os.path.join(folder, "model_index.json"), f"a pipeline whose text encoder is {show(te_class)}",
+                             "a Chinese SD pipeline with a Chinese-CLIP/BERT text encoder "
+                             f"({', '.join(TEXT_ENCODER_CLASSES)})")
 
 
 def load_folder(folder, prediction="auto", unet_dtype=None, clip_dtype=None, clip_device=None,
@@ -59,8 +33,8 @@ def load_folder(folder, prediction="auto", unet_dtype=None, clip_dtype=None, cli
     folder = os.fspath(folder)
     check_folder(folder)
     vae_sd, vae_path, vae_config = read_vae_folder(os.path.join(folder, "vae"))
+    scale, _ = vae_settings(vae_config)
     vae = build_vae(vae_sd, vae_path)
-    scale = vae_config.get("scaling_factor")
     scheduler_config = os.path.join(folder, "scheduler", "scheduler_config.json")
     model = unet.load_unet(os.path.join(folder, "unet"), prediction=prediction, dtype=unet_dtype,
                            scheduler_config=scheduler_config if os.path.isfile(scheduler_config) else None,

@@ -5,22 +5,19 @@ from a diffusers/ModelScope text_encoder/ folder, a full Hugging Face ChineseCLI
 training checkpoint, or a single file written by this pack's converter.
 """
 
-import atexit
 import dataclasses
-import hashlib
-import json
 import os
-import shutil
-import tempfile
 
-from . import metadata
+from . import metadata, tokenizer_files
 from .errors import ModelLoadError, check_keys
-from .metadata import TOKENIZER_FILES
-from .weights import describe_keys, locate_weights, read_json, read_metadata, read_state_dict
+from .tokenizer_files import SHIPPED_FOLDER as SHIPPED_TOKENIZER, Tokenizer  # noqa: F401  (the old name)
+from .values import Values, read_json
+from .weights import describe_keys, locate_weights, only_tensors, read_metadata, read_state_dict
 
-SHIPPED_TOKENIZER = os.path.join(os.path.dirname(os.path.realpath(__file__)), "chinese_clip_tokenizer")
 TEXT_STEMS = ("model", "pytorch_model", "diffusion_pytorch_model")
-_materialized = {}  # content hash -> private folder, for this process
+TEXT_ENCODER_CLASSES = ("ChineseCLIPTextModel", "BertModel")  # a model_index.json's text encoder we can load
+# ComfyUI's tokenizer keeps words of up to 8 tokens whole: a window needs room for one with [CLS] and [SEP]
+MIN_WINDOW = 10
 
 # Key prefixes of the same BERT text tower in the checkpoint shapes users hold:
 # cn_clip training checkpoints, HF ChineseCLIPModel, comfy BertModel / our files, our all-in-one checkpoint,
@@ -41,6 +38,7 @@ class Recipe:
     name: str
     max_length: int
     attention_mask: bool
+    origin: tuple = dataclasses.field(default=(), compare=False)  # (file, key) the window length came from
 
     def describe(self):
         source = {"modelscope": "ModelScope Chinese SD pipeline", "diffusers": "diffusers StableDiffusionPipeline"}
@@ -53,12 +51,12 @@ MODELSCOPE = Recipe("modelscope", 52, True)
 
 @dataclasses.dataclass
 class TextTower:
-    sd: dict            # comfy BertModel keys ('bert.*')
-    config: dict        # BERT shape for comfy.text_encoders.bert.BertModel
-    tokenizer_dir: str  # folder with vocab.txt (+ tokenizer_config.json)
+    sd: dict               # comfy BertModel keys ('bert.*')
+    config: dict           # BERT shape for comfy.text_encoders.bert.BertModel
+    tokenizer: Tokenizer   # checked vocabulary and settings
     recipe: Recipe
-    path: str           # the weights file, for messages
-    special: dict       # ids of [CLS] / [SEP] / [PAD]
+    path: str              # the weights file, for messages
+    special: dict          # ids of [CLS] / [SEP] / [PAD]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,7 +66,7 @@ class TextTower:
 def normalize_keys(sd, path):
     """Any supported layout -> comfy BertModel keys ('bert.*'); other towers and the pooler are left out."""
     if isinstance(sd.get("state_dict"), dict):  # a cn_clip training checkpoint: {'epoch', 'state_dict', 'optimizer'...}
-        sd = sd["state_dict"]
+        sd = {k: v for k, v in sd["state_dict"].items() if isinstance(k, str)}
     prefix = next((p for p in _PREFIXES if p + _BERT_KEY in sd), None)
     if prefix is None:
         raise ModelLoadError(path, describe_keys(sd), "a Chinese-CLIP (BERT) text tower with keys like "
@@ -80,7 +78,7 @@ def normalize_keys(sd, path):
         rest = k[len(prefix):]
         if rest.startswith(("embeddings.", "encoder.")) and not rest.startswith(_IGNORED):
             out["bert." + rest] = v
-    return out
+    return only_tensors(out, path)
 
 
 def _text_tower_key(k):
@@ -90,16 +88,16 @@ def _text_tower_key(k):
 
 
 def bert_config_from(sd, config, path):
-    """The BERT shape for comfy's BertModel: from the weights, checked against a transformers config if any."""
-    if config.get("model_type") == "chinese_clip" or "text_config" in config:
-        config = config.get("text_config") or {}
-    model_type = config.get("model_type")
-    if model_type not in (None, "chinese_clip_text_model", "bert"):  # (Chinese "RoBERTa-wwm" towers are BERTs)
-        raise ModelLoadError(path, f"a config of model_type '{model_type}'",
-                             "a Chinese-CLIP text model config (model_type 'chinese_clip_text_model' or 'bert')")
-    act = config.get("hidden_act", "gelu")
-    if act != "gelu":
-        raise ModelLoadError(path, f"hidden_act '{act}'", "hidden_act 'gelu' (every Chinese-CLIP text tower)")
+    """The BERT shape for comfy's BertModel: from the weights, checked against a transformers config if any.
+
+    config: Values of a config.json (a text model's, or a full ChineseCLIPModel's with its text_config)
+    or of the converter's metadata; path: the weights file.
+    """
+    if config.raw("model_type") == "chinese_clip" or config.has("text_config"):
+        config = config.section("text_config")
+    config.choice("model_type", ("chinese_clip_text_model", "bert"), default=None)  # Chinese RoBERTa-wwm are BERTs
+    act = config.choice("hidden_act", ("gelu",), default="gelu")  # every Chinese-CLIP text tower
+    config.choice("position_embedding_type", ("absolute",), default="absolute")
     try:
         word = sd["bert.embeddings.word_embeddings.weight"]
         layers = 0
@@ -111,19 +109,21 @@ def bert_config_from(sd, config, path):
             "max_position_embeddings": sd["bert.embeddings.position_embeddings.weight"].shape[0],
             "type_vocab_size": sd["bert.embeddings.token_type_embeddings.weight"].shape[0],
         }
-    except KeyError as e:
+    except (KeyError, IndexError) as e:
         raise ModelLoadError(path, f"a text tower without {e}", "a complete BERT text tower") from None
-    for k, v in found.items():
-        if k in config and config[k] != v:
-            raise ModelLoadError(path, f"weights with {k}={v} but a config saying {config[k]}",
-                                 "weights and config.json of the same model")
+    for key, value in found.items():
+        said = config.integer(key, default=None)
+        if said is not None and said != value:
+            config.fail(key, config.raw(key), f"{value} as in the weights ({os.path.basename(path)}): a config "
+                        "and weights of the same model")
     hidden = found["hidden_size"]
-    heads = config.get("num_attention_heads", hidden // 64)  # 64-wide heads in every Chinese-CLIP tower
-    if heads <= 0 or hidden % heads:
-        raise ModelLoadError(path, f"hidden size {hidden} with {heads} attention heads",
-                             "a hidden size divisible by the number of heads")
-    return {**found, "num_attention_heads": heads, "layer_norm_eps": config.get("layer_norm_eps", 1e-12),
-            "pad_token_id": config.get("pad_token_id", 0), "hidden_act": act}
+    heads = config.integer("num_attention_heads", default=hidden // 64, lo=1, hi=hidden)  # 64-wide heads by default
+    if hidden % heads:
+        config.fail("num_attention_heads", heads, f"a number of heads dividing the hidden size {hidden}")
+    return {**found, "num_attention_heads": heads,
+            "layer_norm_eps": config.number("layer_norm_eps", default=1e-12, lo=0, hi=1),
+            "pad_token_id": config.integer("pad_token_id", default=0, lo=0, hi=found["vocab_size"] - 1),
+            "hidden_act": act}
 
 
 def check_complete(sd, bert_config, path):
@@ -137,89 +137,46 @@ def check_complete(sd, bert_config, path):
 # tokenizer files and recipe
 
 
-def special_tokens(tokenizer_dir, vocab_size):
-    """Ids of [CLS]/[SEP]/[PAD] in a vocab.txt, checked against the embedding table's size."""
-    path = os.path.join(tokenizer_dir, "vocab.txt")
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f]
-    except (OSError, UnicodeDecodeError) as e:
-        raise ModelLoadError(path, f"an unreadable file ({e})", "a UTF-8 BERT vocab.txt") from None
-    vocab = {tok: i for i, tok in reversed(list(enumerate(lines)))}
-    ids = {role: vocab.get(tok) for role, tok in (("start", "[CLS]"), ("end", "[SEP]"), ("pad", "[PAD]"))}
-    if None in ids.values():
-        raise ModelLoadError(path, "a vocabulary without [CLS], [SEP] or [PAD]", "a BERT vocabulary")
-    if len(lines) != vocab_size:
-        raise ModelLoadError(path, f"a vocabulary of {len(lines)} tokens",
-                             f"the {vocab_size} tokens of the text encoder's embedding table")
-    return ids
-
-
 def tokenizer_folder(candidates):
-    """The first folder holding a vocab.txt, else the vocabulary shipped with the pack."""
-    for folder in candidates:
-        if folder and os.path.isfile(os.path.join(folder, "vocab.txt")):
-            return folder
-    return SHIPPED_TOKENIZER
+    """The first folder holding vocab.txt or tokenizer.json (None: use the vocabulary shipped with the pack)."""
+    return next((f for f in candidates if tokenizer_files.is_tokenizer_folder(f)), None)
 
 
-def tokenizer_files(tokenizer_dir):
-    """What a converted file carries of a tokenizer folder: vocab.txt and the BERT tokenizer settings."""
-    path = os.path.join(tokenizer_dir, "vocab.txt")
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            out = {"vocab.txt": f.read()}
-    except (OSError, UnicodeDecodeError) as e:
-        raise ModelLoadError(path, f"an unreadable file ({e})", "a UTF-8 BERT vocab.txt") from None
-    config_path = os.path.join(tokenizer_dir, "tokenizer_config.json")
-    if os.path.isfile(config_path):
-        out["tokenizer_config.json"] = json.dumps(metadata.tokenizer_settings(read_json(config_path), config_path))
-    return out
+def text_encoder_class(model_folder):
+    """The text encoder class a model folder's model_index.json names (None if it names none)."""
+    path = os.path.join(model_folder, "model_index.json")
+    if not os.path.isfile(path):
+        return None
+    index = Values(read_json(path), path)
+    entry = index.raw("text_encoder")
+    if entry is None:
+        return None
+    if not isinstance(entry, list) or len(entry) != 2 or not all(isinstance(e, (str, type(None))) for e in entry):
+        index.fail("text_encoder", entry, '["library", "class name"], e.g. ["transformers", "ChineseCLIPTextModel"]')
+    return entry[1]
 
 
-def materialize_tokenizer(files):
-    """A private folder (made by this process, removed at exit) holding the given tokenizer files."""
-    blob = json.dumps(files, sort_keys=True, ensure_ascii=False).encode("utf-8")
-    key = hashlib.sha256(blob).hexdigest()
-    if key not in _materialized or not os.path.isdir(_materialized[key]):
-        folder = tempfile.mkdtemp(prefix="comfyui-chinese-sd-tokenizer-")
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        for name, text in files.items():
-            if name not in TOKENIZER_FILES:  # metadata.read_text_encoder refuses these already
-                raise ValueError(f"unexpected tokenizer file name {name!r}")
-            with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
-                f.write(text)
-        _materialized[key] = folder
-    return _materialized[key]
-
-
-def recipe_for_folder(model_folder, tokenizer_dir, text_config):
+def recipe_for_folder(model_folder, tokenizer, text_config):
     """The encode recipe a model folder implies.
 
     ModelScope's Chinese SD pipeline (text encoder ChineseCLIPTextModel): 52 tokens with attention mask.
     A stock diffusers StableDiffusionPipeline (e.g. a BertModel text encoder): pad to the tokenizer's
     model_max_length; attention mask only when the text config sets use_attention_mask.
     """
-    index_path = os.path.join(model_folder, "model_index.json") if model_folder else None
-    if not index_path or not os.path.isfile(index_path):
+    if not model_folder or not os.path.isfile(os.path.join(model_folder, "model_index.json")):
         return MODELSCOPE
-    index = read_json(index_path)
-    te = index.get("text_encoder")
-    te_class = te[1] if isinstance(te, list) and len(te) == 2 else None
     pipeline = ""
     conf_path = os.path.join(model_folder, "configuration.json")
     if os.path.isfile(conf_path):
-        pipeline = str((read_json(conf_path).get("pipeline") or {}).get("type", ""))
-    if te_class == "ChineseCLIPTextModel" or "chinese-stable-diffusion" in pipeline:
+        pipeline = Values(read_json(conf_path), conf_path).section("pipeline").text("type", default="")
+    if text_encoder_class(model_folder) == "ChineseCLIPTextModel" or "chinese-stable-diffusion" in pipeline:
         return MODELSCOPE
-    tok_config_path = os.path.join(tokenizer_dir, "tokenizer_config.json")
-    tok_config = read_json(tok_config_path) if os.path.isfile(tok_config_path) else {}
-    length = tok_config.get("model_max_length")
-    limit = text_config.get("max_position_embeddings", 512)
-    if not isinstance(length, int) or not 2 < length <= limit:
-        raise ModelLoadError(tok_config_path, f"model_max_length {length!r}",
-                             f"the prompt length the pipeline pads to (an integer up to {limit})")
-    return Recipe("diffusers", length, bool(text_config.get("use_attention_mask", False)))
+    if tokenizer.model_max_length is None:
+        raise ModelLoadError(tokenizer.source, "no model_max_length in its tokenizer_config.json",
+                             "the prompt length a stock diffusers pipeline pads to")
+    mask = text_config.boolean("use_attention_mask", default=False)
+    return Recipe("diffusers", tokenizer.model_max_length, mask,
+                  origin=(os.path.join(os.path.dirname(tokenizer.source), "tokenizer_config.json"), "model_max_length"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,17 +190,18 @@ def read_text_encoder(path, tokenizer_dir=None, recipe=None):
     if meta is not None:
         return tower_from(read_state_dict(weights, keep=_text_tower_key), meta, weights, tokenizer_dir, recipe)
     config_path = os.path.join(folder, "config.json")
-    config = read_json(config_path) if owns_folder and os.path.isfile(config_path) else {}
+    config = Values(read_json(config_path) if owns_folder and os.path.isfile(config_path) else {}, config_path)
     sd = normalize_keys(read_state_dict(weights, keep=_text_tower_key), weights)
     bert_config = bert_config_from(sd, config, weights)
     check_complete(sd, bert_config, weights)
     model_folder = os.path.dirname(os.path.normpath(folder)) if owns_folder else None
-    if tokenizer_dir is None:
-        candidates = [folder, os.path.join(model_folder, "tokenizer")] if owns_folder else []
-        tokenizer_dir = tokenizer_folder(candidates)
+    if tokenizer_dir is None and owns_folder:
+        tokenizer_dir = tokenizer_folder([folder, os.path.join(model_folder, "tokenizer")])
+    tokenizer = tokenizer_files.read_folder(tokenizer_dir) if tokenizer_dir else tokenizer_files.shipped()
     if recipe is None:
-        recipe = recipe_for_folder(model_folder, tokenizer_dir, config.get("text_config", config))
-    return _tower(sd, bert_config, tokenizer_dir, recipe, weights)
+        text_config = config.section("text_config") if config.has("text_config") else config
+        recipe = recipe_for_folder(model_folder, tokenizer, text_config)
+    return _tower(sd, bert_config, tokenizer, recipe, weights)
 
 
 def tower_from(sd, meta, path, tokenizer_dir=None, recipe=None):
@@ -251,19 +209,18 @@ def tower_from(sd, meta, path, tokenizer_dir=None, recipe=None):
     sd = normalize_keys(sd, path)
     bert_config = bert_config_from(sd, meta["config"], path)
     check_complete(sd, bert_config, path)
-    if tokenizer_dir is None:
-        tokenizer_dir = materialize_tokenizer(meta["tokenizer"]) if meta["tokenizer"] else SHIPPED_TOKENIZER
-    return _tower(sd, bert_config, tokenizer_dir, recipe or meta["recipe"], path)
+    tokenizer = tokenizer_files.read_folder(tokenizer_dir) if tokenizer_dir else meta["tokenizer"] or tokenizer_files.shipped()
+    return _tower(sd, bert_config, tokenizer, recipe or meta["recipe"], path)
 
 
-def _tower(sd, bert_config, tokenizer_dir, recipe, path):
-    special = special_tokens(tokenizer_dir, bert_config["vocab_size"])
-    for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
-        file = os.path.join(tokenizer_dir, name)
-        if os.path.isfile(file):  # broken files are named here, not deep inside transformers
-            content = read_json(file)
-            if name == "tokenizer_config.json":
-                metadata.tokenizer_settings(content, file)
-                if not isinstance(content.get("model_max_length", 0), int):
-                    raise ModelLoadError(file, f"model_max_length {content['model_max_length']!r}", "an integer")
-    return TextTower(sd, bert_config, tokenizer_dir, recipe, path, special)
+def _tower(sd, bert_config, tokenizer, recipe, path):
+    vocab_size = bert_config["vocab_size"]
+    if len(tokenizer.vocab) != vocab_size:
+        raise ModelLoadError(tokenizer.source, f"a vocabulary of {len(tokenizer.vocab)} tokens",
+                             f"the {vocab_size} tokens of the text encoder's embedding table")
+    positions = bert_config["max_position_embeddings"]
+    if not MIN_WINDOW <= recipe.max_length <= positions:
+        where, key = recipe.origin or (path, "the encode recipe's window")
+        raise ModelLoadError(where, f"'{key}' = {recipe.max_length}", f"a prompt window from {MIN_WINDOW} to {positions} "
+                             f"tokens (the positions the text encoder {os.path.basename(path)} has)")
+    return TextTower(sd, bert_config, tokenizer, recipe, path, tokenizer.ids())

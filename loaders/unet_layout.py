@@ -9,18 +9,21 @@ weight-statistics guess of v-prediction.
 import dataclasses
 import logging
 import os
+import types
 
+import comfy.model_sampling
 import comfy.utils
 
 from . import metadata
 from .errors import ModelLoadError
-from .weights import describe_keys, locate_weights, read_json, read_metadata, read_state_dict
+from .metadata import PREDICTION_TYPES
+from .values import Values, as_integer, read_json, show
+from .weights import describe_keys, locate_weights, only_tensors, read_metadata, read_state_dict
 
 log = logging.getLogger(__name__)
 UNET_STEMS = ("diffusion_pytorch_model", "model")
 LDM_PREFIXES = ("model.diffusion_model.", "")
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 # diffusers beta_schedule -> ComfyUI beta_schedule (ComfyUI's "linear" is diffusers' "scaled_linear")
 BETA_SCHEDULES = {"scaled_linear": "linear", "linear": "sqrt_linear", "squaredcos_cap_v2": "squaredcos_cap_v2"}
 # Stable Diffusion's training schedule, used when nothing says otherwise
@@ -30,25 +33,37 @@ SD_SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_e
 FAMILY_NAMES = {1024: "sd2.x", 768: "sd1.x"}
 
 
-def scheduler_settings(cfg, path):
-    """(prediction type, normalized diffusers schedule settings) from a diffusers scheduler config."""
-    prediction = cfg.get("prediction_type", "epsilon")
-    if not isinstance(prediction, str) or prediction not in PREDICTION_TYPES:
-        raise ModelLoadError(path, f"prediction_type '{prediction}'", f"one of {', '.join(PREDICTION_TYPES)}")
-    if cfg.get("trained_betas") is not None:
-        raise ModelLoadError(path, "an explicit trained_betas list", "a beta_schedule with beta_start/beta_end")
-    schedule = cfg.get("beta_schedule", "linear")  # diffusers' defaults
-    if not isinstance(schedule, str) or schedule not in BETA_SCHEDULES:
-        raise ModelLoadError(path, f"beta_schedule '{schedule}'", f"one of {', '.join(BETA_SCHEDULES)}")
-    start, end = cfg.get("beta_start", 0.0001), cfg.get("beta_end", 0.02)
-    steps, zsnr = cfg.get("num_train_timesteps", 1000), cfg.get("rescale_betas_zero_snr", False)
-    numbers = all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 1 for b in (start, end))
-    if not numbers or not start < end or not isinstance(steps, int) or steps < 2 or not isinstance(zsnr, bool):
-        raise ModelLoadError(path, f"beta_start={start!r}, beta_end={end!r}, num_train_timesteps={steps!r}, "
-                             f"rescale_betas_zero_snr={zsnr!r}", "0 < beta_start < beta_end < 1, an integer number "
-                             "of training steps and a true/false zero-SNR flag")
-    return prediction, {"beta_schedule": schedule, "beta_start": float(start), "beta_end": float(end),
-                        "num_train_timesteps": steps, "rescale_betas_zero_snr": zsnr}
+MAX_TRAIN_TIMESTEPS = 10000
+# noise levels ComfyUI can sample with (Stable Diffusion's span 0.029 to 14.6; zero-SNR schedules end near 4096)
+SIGMA_RANGE = (1e-5, 1e5)
+
+
+def scheduler_settings(cfg, path=None):
+    """(prediction type, normalized diffusers schedule settings) from a diffusers scheduler config (Values)."""
+    prediction = cfg.choice("prediction_type", PREDICTION_TYPES, default="epsilon")
+    if cfg.has("trained_betas"):
+        cfg.fail("trained_betas", cfg.raw("trained_betas"), "no explicit list (a beta_schedule with beta_start/beta_end)")
+    schedule = cfg.choice("beta_schedule", tuple(BETA_SCHEDULES), default="linear")  # diffusers' defaults
+    start = cfg.number("beta_start", default=0.0001, lo=0, hi=0.5)
+    end = cfg.number("beta_end", default=0.02, lo=0, hi=0.5)
+    if not start < end:
+        cfg.fail("beta_end", end, f"a number above beta_start ({start:g})")
+    settings = {"beta_schedule": schedule, "beta_start": start, "beta_end": end,
+                "num_train_timesteps": cfg.integer("num_train_timesteps", default=1000, lo=2, hi=MAX_TRAIN_TIMESTEPS),
+                "rescale_betas_zero_snr": cfg.boolean("rescale_betas_zero_snr", default=False)}
+    sigmas = noise_levels(settings)
+    lo, hi = SIGMA_RANGE
+    if not (sigmas.isfinite().all() and sigmas.min() >= lo and sigmas.max() <= hi):
+        raise ModelLoadError(cfg.path, f"{cfg.where}beta settings {show(settings)} giving noise levels from "
+                             f"{sigmas.min().item():.3g} to {sigmas.max().item():.3g}",
+                             f"noise levels between {lo:g} and {hi:g} (Stable Diffusion's: 0.029 to 14.6)")
+    return prediction, settings
+
+
+def noise_levels(settings):
+    """The sigmas ComfyUI's own ModelSamplingDiscrete computes for these settings."""
+    sampling = comfy.model_sampling.ModelSamplingDiscrete(types.SimpleNamespace(sampling_settings=comfy_sampling(settings)))
+    return sampling.sigmas
 
 
 def comfy_sampling(settings):
@@ -135,28 +150,37 @@ def _ldm_config_from_diffusers(sd, path):
     }
 
 
-def heads_from_config(config, unet_config, path):
+def heads_from_config(config, unet_config):
     """ComfyUI's num_heads/num_head_channels from a diffusers UNet config.json (None if it doesn't say)."""
-    heads = config.get("num_attention_heads") or config.get("attention_head_dim")  # diffusers' legacy naming
-    if heads is None:
+    key = "num_attention_heads" if config.has("num_attention_heads") else "attention_head_dim"  # diffusers' legacy naming
+    raw = config.raw(key)
+    if raw is None:
         return None
-    channels = [unet_config["model_channels"] * m for m in unet_config["channel_mult"]]
-    if isinstance(heads, int):
-        heads = [heads] * len(channels)
-    if not isinstance(heads, list) or len(heads) != len(channels) or \
-            any(not isinstance(h, int) or h <= 0 or c % h for c, h in zip(channels, heads)):
-        raise ModelLoadError(path, f"attention heads {heads} for block widths {channels}",
-                             "head counts that divide each block's width")
+    channels = block_widths(unet_config)
+    heads = [as_integer(raw)] * len(channels) if not isinstance(raw, list) else [as_integer(h) for h in raw]
+    if len(heads) != len(channels) or any(h is None or h <= 0 or c % h for c, h in zip(channels, heads)):
+        config.fail(key, raw, f"head counts dividing the block widths {channels}")
     dims = {c // h for c, h in zip(channels, heads)}
     if len(dims) == 1:
         return {"num_head_channels": dims.pop(), "num_heads": -1}
     if len(set(heads)) == 1:
         return {"num_heads": heads[0], "num_head_channels": -1}
-    raise ModelLoadError(path, f"attention heads {heads} for block widths {channels}",
-                         "either one head width or one head count for all blocks")
+    config.fail(key, raw, f"one head width or one head count for all blocks (block widths {channels})")
 
 
-def check_diffusers_config(config, path):
+def check_heads(heads, unet_config, path, where):
+    """Heads from metadata fit the UNet's block widths."""
+    channels = block_widths(unet_config)
+    count, width = heads["num_heads"], heads["num_head_channels"]
+    if any(c % (count if count > 0 else width) for c in channels):
+        raise ModelLoadError(path, f"'{where}' = {show(heads)}", f"heads that divide the block widths {channels}")
+
+
+def block_widths(unet_config):
+    return [unet_config["model_channels"] * m for m in unet_config["channel_mult"]]
+
+
+def check_diffusers_config(config):
     """Refuse UNet2DConditionModel options ComfyUI's UNetModel does not implement."""
     unsupported = {
         "class_embed_type": None, "addition_embed_type": None, "encoder_hid_dim": None,
@@ -165,13 +189,15 @@ def check_diffusers_config(config, path):
         "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "norm_eps": 1e-5,
         "center_input_sample": False, "mid_block_scale_factor": 1, "time_cond_proj_dim": None,
         "attention_type": "default", "conv_in_kernel": 3, "conv_out_kernel": 3,
+        "num_class_embeds": None, "projection_class_embeddings_input_dim": None,
     }
     for key, default in unsupported.items():
-        value = config.get(key, default)
-        if isinstance(value, list) and key == "only_cross_attention":
-            value = any(value)
-        if value != default:
-            raise ModelLoadError(path, f"{key}={value!r}", f"{key}={default!r} (a standard SD1.x/SD2.x UNet)")
+        value = config.raw(key, default)
+        same = value == default and isinstance(value, bool) == isinstance(default, bool)
+        if key == "only_cross_attention" and isinstance(value, list):
+            same = all(v is False for v in value)
+        if not same:
+            config.fail(key, value, f"{default!r} (a standard SD1.x/SD2.x UNet)")
 
 
 def diffusers_to_ldm(sd, path):
@@ -197,34 +223,46 @@ def family_name(unet_config, path):
 
 
 def check_against_config(config, unet_config, path):
-    """The shape read from the weights is the one config.json describes (a block missing from the
+    """The shape read from the weights (path) is the one config.json describes (a block missing from the
     weights would otherwise load as a smaller, different UNet)."""
     res = unet_config["num_res_blocks"]
-    layers = config.get("layers_per_block", 2)
-    checks = [
-        ("block_out_channels", config.get("block_out_channels"),
-         [unet_config["model_channels"] * m for m in unet_config["channel_mult"]]),
-        ("layers_per_block", [layers] * len(res) if isinstance(layers, int) else layers, res),
-        ("cross_attention_dim", config.get("cross_attention_dim"), unet_config["context_dim"]),
-        ("in_channels", config.get("in_channels", 4), unet_config["in_channels"]),
-        ("out_channels", config.get("out_channels", 4), unet_config["out_channels"]),
-        ("mid_block_type", config.get("mid_block_type", "UNetMidBlock2DCrossAttn"),
-         "UNetMidBlock2DCrossAttn" if unet_config["transformer_depth_middle"] >= 1 else
-         "UNetMidBlock2D" if unet_config["transformer_depth_middle"] == -1 else None),
-    ]
     starts = [sum(res[:i]) for i in range(len(res))]
     down = [any(unet_config["transformer_depth"][a:a + n]) for a, n in zip(starts, res)]
     out = unet_config["transformer_depth_output"][::-1]  # output blocks, deepest first
     up_starts = [sum(r + 1 for r in res[::-1][:i]) for i in range(len(res))]
     up = [any(out[a:a + r + 1]) for a, r in zip(up_starts, res[::-1])]
-    if "down_block_types" in config:
-        checks.append(("down_block_types (cross-attention)", [t.startswith("CrossAttn") for t in config["down_block_types"]], down))
-    if "up_block_types" in config:
-        checks.append(("up_block_types (cross-attention)", [t.startswith("CrossAttn") for t in config["up_block_types"]], up))
-    for name, said, found in checks:
-        if said is not None and said != found:
-            raise ModelLoadError(path, f"weights whose {name} is {found} while config.json says {said}",
-                                 "weights and config.json of the same UNet (a download cut short?)")
+    middle = {1: "UNetMidBlock2DCrossAttn", -1: "UNetMidBlock2D"}.get(min(unet_config["transformer_depth_middle"], 1))
+
+    def said(key, read):
+        return None if not config.has(key) else read(key)
+
+    layers = config.raw("layers_per_block")
+    checks = [
+        ("block_out_channels", said("block_out_channels", lambda k: config.integers(k, lo=1)), block_widths(unet_config)),
+        ("layers_per_block", None if layers is None else
+         config.integers("layers_per_block", lo=0) if isinstance(layers, list) else
+         [config.integer("layers_per_block", lo=0)] * len(res), res),
+        ("cross_attention_dim", said("cross_attention_dim", lambda k: config.integer(k, lo=1)), unet_config["context_dim"]),
+        ("in_channels", said("in_channels", lambda k: config.integer(k, lo=1)), unet_config["in_channels"]),
+        ("out_channels", said("out_channels", lambda k: config.integer(k, lo=1)), unet_config["out_channels"]),
+        ("mid_block_type", said("mid_block_type", lambda k: config.text(k)), middle),
+        ("down_block_types", said("down_block_types", lambda k: [t.startswith("CrossAttn") for t in config.strings(k)]),
+         down),
+        ("up_block_types", said("up_block_types", lambda k: [t.startswith("CrossAttn") for t in config.strings(k)]), up),
+    ]
+    for key, value, found in checks:
+        if value is not None and value != found:
+            shown = {"down_block_types": f"cross-attention {found}", "up_block_types": f"cross-attention {found}"}
+            config.fail(key, config.raw(key), f"{shown.get(key, found)} as in the weights ({os.path.basename(path)}): "
+                        "a config.json and weights of the same UNet (a download cut short?)")
+
+
+def sample_size(config):
+    """The latent size a diffusers UNet config gives (64 for SD 2.1 base, 96 for 768-v)."""
+    raw = config.raw("sample_size", 64)
+    sizes = config.integers("sample_size", lo=1, hi=1024, max_items=2) if isinstance(raw, list) else \
+        [config.integer("sample_size", default=64, lo=1, hi=1024)]
+    return max(sizes)
 
 
 def default_heads(family):
@@ -244,6 +282,7 @@ class UNetFile:
     path: str                # the weights file, for messages
     meta: dict | None        # settings from a converted file's metadata
     scheduler_config: str | None  # the scheduler_config.json that belongs to it
+    config: Values | None = None  # the config.json that belongs to it (empty if none)
 
 
 def ldm_unet(sd, path):
@@ -268,35 +307,39 @@ def read_unet_file(location):
     """A UNetFile from a diffusers unet/ folder or a weights file (diffusers or LDM layout)."""
     folder, weights, owns_folder = locate_weights(location, UNET_STEMS)
     meta = metadata.read_unet(read_metadata(weights), weights)
-    config, config_path, scheduler = {}, os.path.join(folder, "config.json"), None
+    config_path, scheduler = os.path.join(folder, "config.json"), None
+    config = Values({}, config_path)
     if meta is None and owns_folder:
         if os.path.isfile(config_path):
-            config = read_json(config_path)
-            check_diffusers_config(config, config_path)
+            config = Values(read_json(config_path), config_path)
+            check_diffusers_config(config)
         scheduler = next((c for c in (os.path.join(folder, "scheduler_config.json"),
                                       os.path.join(os.path.dirname(folder), "scheduler", "scheduler_config.json"))
                           if os.path.isfile(c)), None)
-    sd = read_state_dict(weights)
+    sd = only_tensors(read_state_dict(weights), weights)
     if "conv_in.weight" in sd:
         sd, unet_config = diffusers_to_ldm(sd, weights)
     else:
         sd, unet_config = ldm_unet(sd, weights)
-    if config:
-        check_against_config(config, unet_config, weights)
-    heads = meta["heads"] if meta else heads_from_config(config, unet_config, config_path) if config else None
-    return UNetFile(sd, unet_config, heads, weights, meta, scheduler)
+    check_against_config(config, unet_config, weights)
+    if meta:
+        check_heads(meta["heads"], unet_config, weights, metadata.P + "unet_heads")
+    heads = meta["heads"] if meta else heads_from_config(config, unet_config)
+    return UNetFile(sd, unet_config, heads, weights, meta, scheduler, config)
 
 
 def resolve_sampling(unet_file, scheduler_config_path=None, prediction_override="auto"):
     """(prediction type, diffusers schedule settings) for a UNet: an explicit scheduler config, else the
     converter's metadata, else the scheduler config that belongs to the file, else Stable Diffusion's
     defaults (with a warning). A prediction override other than 'auto' wins."""
+    if prediction_override not in ("auto", *PREDICTION_TYPES):
+        raise ValueError(f"prediction must be auto or one of {', '.join(PREDICTION_TYPES)}, not {prediction_override!r}")
     path = scheduler_config_path or (None if unet_file.meta else unet_file.scheduler_config)
     if path is not None:
-        prediction, settings = scheduler_settings(read_json(path), path)
+        prediction, settings = scheduler_settings(Values(read_json(path), path))
     elif unet_file.meta is not None:
-        prediction, settings = scheduler_settings({**unet_file.meta["scheduler"],
-                                                   "prediction_type": unet_file.meta["prediction"]}, unet_file.path)
+        _, settings = scheduler_settings(unet_file.meta["scheduler"])
+        prediction = unet_file.meta["prediction"]
     else:
         prediction, settings = "epsilon", dict(SD_SCHEDULER)
         if prediction_override == "auto":
@@ -304,8 +347,5 @@ def resolve_sampling(unet_file, scheduler_config_path=None, prediction_override=
                         "scaled_linear betas (0.00085-0.012). Set the prediction input if images come out grey "
                         "or burnt.", unet_file.path)
     if prediction_override != "auto":
-        if prediction_override not in PREDICTION_TYPES:
-            raise ValueError(f"prediction must be auto or one of {', '.join(PREDICTION_TYPES)}, "
-                             f"not {prediction_override!r}")
         prediction = prediction_override
     return prediction, settings

@@ -6,7 +6,11 @@ import comfy.sd
 from comfy.diffusers_convert import convert_vae_state_dict
 
 from .errors import ModelLoadError, check_keys
-from .weights import describe_keys, read_json, read_state_dict, weights_in_folder
+from .metadata import latent_scale
+from .values import Values, read_json
+from .weights import describe_keys, only_tensors, read_state_dict, weights_in_folder
+
+SD_LATENT_SCALE = 0.18215
 
 _VAE_KEYS = ("decoder.up_blocks.0.resnets.0.norm1.weight", "decoder.up.0.block.0.norm1.weight")
 
@@ -17,6 +21,7 @@ def comfy_layout(sd):
 
 
 def build_vae(sd, path):
+    only_tensors(sd, path)
     if not any(k in sd for k in _VAE_KEYS):
         raise ModelLoadError(path, describe_keys(sd), "an SD VAE (AutoencoderKL)")
     sd = comfy_layout(sd)
@@ -31,8 +36,17 @@ def build_vae(sd, path):
 
 
 def read_vae_folder(folder):
-    """(state dict, weights path, config.json contents or {}) of a diffusers vae/ folder."""
+    """(state dict, weights path, config.json as Values) of a diffusers vae/ folder."""
     weights = weights_in_folder(folder)
     config_path = os.path.join(folder, "config.json")
-    config = read_json(config_path) if os.path.isfile(config_path) else {}
+    config = Values(read_json(config_path) if os.path.isfile(config_path) else {}, config_path)
     return read_state_dict(weights), weights, config
+
+
+def vae_settings(config):
+    """(latent scaling factor, downscale factor) from a diffusers VAE config.json (Values)."""
+    scale = latent_scale(config.raw("scaling_factor", SD_LATENT_SCALE), config.path, "scaling_factor")
+    levels = config.integers("block_out_channels", default=[128, 256, 512, 512], lo=1, max_items=8)
+    if not levels:
+        config.fail("block_out_channels", [], "a list of 1 to 8 integers")
+    return scale, 2 ** (len(levels) - 1)

@@ -1,6 +1,5 @@
 """Reading weight files safely: safetensors, PyTorch pickles (without running code), sharded sets."""
 
-import json
 import logging
 import os
 import pickle
@@ -12,26 +11,13 @@ import safetensors
 import safetensors.torch
 
 from .errors import ModelLoadError
+from .values import Values, read_json, show
 
 log = logging.getLogger(__name__)
 
 SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
 PICKLE_EXTENSIONS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 WEIGHT_EXTENSIONS = SAFETENSORS_EXTENSIONS + PICKLE_EXTENSIONS
-
-
-def read_json(path):
-    """A JSON object from a UTF-8 file, with a clear error for anything else."""
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ModelLoadError(path, "no such file", "a JSON configuration file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(path, f"text that is not valid JSON ({e})", "a JSON configuration file") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(path, f"a JSON {type(data).__name__}", "a JSON object")
-    return data
 
 
 def read_metadata(path):
@@ -95,17 +81,30 @@ def _read_pickle(path, keep):
         raise ModelLoadError(path, f"a file that is not a readable PyTorch file ({first})", expected) from None
     if not isinstance(data, dict):
         raise ModelLoadError(path, f"a pickled {type(data).__name__}", expected)
+    bad = next((k for k in data if not isinstance(k, str)), None)
+    if bad is not None:
+        raise ModelLoadError(path, f"a pickled dict with the key {show(bad)}", expected)
     if keep is not None:
         data = {k: v for k, v in data.items() if keep(k)}
     return data
 
 
+MAX_SHARDS = 4096
+
+
 def _read_sharded(index_path, keep):
-    index = read_json(index_path)
-    weight_map = index.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise ModelLoadError(index_path, "no 'weight_map'", "a sharded-weights index with a 'weight_map'")
+    weight_map = Values(read_json(index_path), index_path).section("weight_map").data
+    bad = [n for n in weight_map.values() if not _plain_file_name(n)]
+    if not weight_map or bad or len(set(weight_map.values())) > MAX_SHARDS:
+        found = (f"'weight_map' naming the shard {show(bad[0])}" if bad else
+                 "an empty 'weight_map'" if not weight_map else f"{len(set(weight_map.values()))} shards")
+        raise ModelLoadError(index_path, found, f"a 'weight_map' from tensor names to at most {MAX_SHARDS} shard "
+                             "weights file names in the same folder")
     folder = os.path.dirname(index_path)
+    absent = next((n for n in sorted(set(weight_map.values())) if not os.path.isfile(os.path.join(folder, n))), None)
+    if absent is not None:
+        raise ModelLoadError(index_path, f"'weight_map' naming the shard {show(absent)}, which is not in its folder",
+                             "an index of the shards beside it (a download cut short?)")
     out = {}
     for shard in sorted(set(weight_map.values())):
         wanted = {k for k, v in weight_map.items() if v == shard and (keep is None or keep(k))}
@@ -118,6 +117,20 @@ def _read_sharded(index_path, keep):
                                  f"tensors (e.g. '{sorted(missing)[0]}')", "every tensor the index lists")
         out.update(part)
     return out
+
+
+def only_tensors(sd, path):
+    """sd itself, once every entry is a tensor (a pickle may hold anything under a weight's name)."""
+    bad = next((k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise ModelLoadError(path, f"{show(bad)} holding a {type(sd[bad]).__name__}", "tensors under every weight name")
+    return sd
+
+
+def _plain_file_name(name):
+    """A weights file name in the index's own folder (not a path, not another index)."""
+    return isinstance(name, str) and "/" not in name and "\\" not in name and "\0" not in name \
+        and len(name) <= 255 and name.lower().endswith(WEIGHT_EXTENSIONS)
 
 
 def describe_keys(sd):

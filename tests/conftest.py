@@ -71,6 +71,12 @@ def record_parity():
 
 
 def pytest_terminal_summary(terminalreporter):
+    from fuzz import SCALE, STATS
+    if STATS:
+        terminalreporter.section(f"hostile input: generated cases per target (scale {SCALE:g})")
+        for what, counts in sorted(STATS.items()):
+            terminalreporter.write_line(f"{what}: {sum(counts.values())} cases, "
+                                        + ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())))
     if _PARITY:
         terminalreporter.section("parity: measured max abs differences")
         for what, value, threshold in _PARITY:

@@ -1,16 +1,23 @@
 """The converter: a ModelScope folder -> all-in-one checkpoint + split files, and loading them back."""
 
+import contextlib
 import json
+import ntpath
 import os
+import resource
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import comfy.sd
 import comfy.utils
-from conftest import PACK_DIR, pack
+from conftest import COMFYUI_PATH, PACK_DIR, pack
 from tiny_models import VARIANTS
 
 loaders = pack.loaders
@@ -156,3 +163,249 @@ def test_checkpoint_loader_refuses_other_files(converted, model_folders, tmp_pat
     other = os.path.join(model_folders["csd_eps_safetensors"], "vae", "diffusion_pytorch_model.safetensors")
     with pytest.raises(loaders.ModelLoadError, match="no chinese_sd metadata"):
         loaders.checkpoint.load_checkpoint(other)
+
+
+# ----------------------------------------------------------------------------------------------
+# the command's safety: --name is a file name only, written files get the umask's permissions, and
+# ComfyUI is found when the pack is a link in custom_nodes/ (how users and the test bed install it)
+
+convert = loaders.convert
+FEW = settings(max_examples=3, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+MANY = settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+SPLIT_FOLDERS = {"unet": "diffusion_models", "text_encoder": "text_encoders", "vae": "vae"}
+FOLDERS = {"checkpoint": "checkpoints", **SPLIT_FOLDERS}
+
+HOSTILE_NAMES = ["", ".", "..", "...", "../x", "..\\x", "a/b", "a\\b", "/abs", "C:", "C:x", "c:\\x",
+                 "\\\\server\\share", "a\x00b", "\x00", " x", "x ", "\tx", "x\n", "a<b", "a>b", 'a"b', "a|b", "a?b",
+                 "a*b", "a:b", "x\x1f", "x\x7f", "x.", "CON", "nul", "com1.x", "\u3000模型", "模型\u3000", "x" * 201,
+                 "模" * 67, "a\udcffb"]
+GOOD_NAMES = ["小模型", "my model v1.5", "a-b_c", "模型（二）", ".hidden", "x" * 200, "模" * 66, "con_model", "a.b"]
+# what names are built from: path pieces, a drive, NUL, spaces, a Windows-forbidden character, Chinese;
+# ABS stands for the absolute path of the test's sandbox (so that an escape would land where it is seen)
+ABS = "<ABS>"
+FRAGMENTS = ["..", ".", "/", "\\", "C:", "\x00", " ", "\t", "?", "小模型", "x", ABS]
+fragment_names = st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=4).map("".join)
+any_names = st.one_of(fragment_names, st.text(st.characters(codec=None, exclude_categories=()), max_size=12))
+
+
+def sandbox_with_models(parent):
+    """(sandbox, models dir): models lies 3 folders deep, so that an escape by up to 3 '..' stays in the sandbox."""
+    sandbox = tempfile.mkdtemp(dir=parent)
+    models = os.path.join(sandbox, "a", "b", "models")
+    os.makedirs(models)
+    return sandbox, models
+
+
+def files_below(folder):
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files)
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_name_check_refuses(name):
+    with pytest.raises(ValueError, match="Invalid name"):
+        convert.check_name(name)
+    with pytest.raises(ValueError, match="expected a plain file name"):
+        convert.output_paths("/models", name, convert.PARTS)
+
+
+@pytest.mark.parametrize("name", GOOD_NAMES)
+def test_name_check_accepts(name):
+    convert.check_name(name)
+    paths = convert.output_paths("/models", name, convert.PARTS)
+    assert {kind: os.path.dirname(p) for kind, p in paths.items()} == \
+        {kind: os.path.join("/models", folder) for kind, folder in FOLDERS.items()}
+
+
+@MANY
+@given(name=any_names)
+def test_accepted_names_stay_in_their_folder(name):
+    """Whatever the name, an accepted one gives files directly in models/<kind>/, on POSIX and on Windows."""
+    name = name.replace(ABS, "/tmp/")
+    try:
+        paths = convert.output_paths("/models", name, convert.PARTS)
+    except ValueError:
+        return
+    for kind, path in paths.items():
+        assert os.path.dirname(path) == os.path.join("/models", FOLDERS[kind])
+        file_name = os.path.basename(path)
+        assert file_name.startswith(name) and ntpath.basename(file_name) == file_name
+        windows_path = ntpath.join("C:\\ComfyUI\\models", FOLDERS[kind], file_name)
+        assert ntpath.dirname(windows_path) == ntpath.join("C:\\ComfyUI\\models", FOLDERS[kind])
+        assert not any(c in '<>:"|?*' or ord(c) < 32 for c in file_name)
+        assert file_name == file_name.strip() and not name.endswith(".")
+
+
+@MANY
+@given(name=any_names)
+@example(name="../x").via("explicit")
+@example(name="a\x00b").via("explicit")
+def test_command_refuses_bad_names_before_anything_else(name, tmp_path_factory, capsys):
+    """The command line (in this process, with a missing source so that nothing is converted): a bad --name
+    is refused with argparse's exit code 2 and a message, a good one goes on to the source."""
+    sandbox, models = sandbox_with_models(tmp_path_factory.getbasetemp())
+    try:
+        name = name.replace(ABS, sandbox + os.sep)
+        bad = convert._name_problem(name)
+        with pytest.raises(SystemExit, match="2") if bad else contextlib.nullcontext():
+            rc = convert.main([os.path.join(sandbox, "no_such_model"), "--models-dir", models, f"--name={name}",
+                               "--no-progress"])
+        err = capsys.readouterr().err
+        if bad:
+            assert "--name: Invalid name" in err and bad in err, err
+        else:
+            assert rc == 1
+        assert files_below(sandbox) == []
+    finally:
+        shutil.rmtree(sandbox)
+
+
+@pytest.mark.parametrize("name", ["../x", "../../../x", "/abs", "a\x00b", "", " x", "C:x"])
+def test_convert_folder_refuses_bad_names(name, model_folders, tmp_path):
+    sandbox, models = sandbox_with_models(tmp_path)
+    name = name.replace("/abs", os.path.join(sandbox, "abs"))
+    with pytest.raises(ValueError, match="Invalid name"):
+        convert.convert_folder(model_folders["csd_eps_safetensors"], models, name=name, parts=("split",))
+    assert files_below(sandbox) == []
+
+
+def test_convert_folder_refuses_a_folder_name_that_is_no_file_name(model_folders, tmp_path):
+    source = tmp_path / "model: v2"  # fine on Linux, no file name on Windows
+    os.symlink(model_folders["csd_eps_safetensors"], source)
+    with pytest.raises(ValueError, match="from the folder's name .*--name"):
+        convert.convert_folder(str(source), str(tmp_path / "models"))
+    assert not (tmp_path / "models").exists()
+
+
+def run_convert(args, cwd, env=None, umask=0o022, limits=None):
+    """The command in a subprocess, the way users run it: (exit code, stderr)."""
+    def preexec():
+        os.umask(umask)
+        for limit, value in (limits or {}).items():
+            resource.setrlimit(limit, (value, value))
+    proc = subprocess.run([sys.executable, "-m", "loaders.convert", *args], cwd=cwd, env=env or dict(os.environ),
+                          capture_output=True, preexec_fn=preexec)
+    return proc.returncode, proc.stderr.decode("utf-8", "replace")
+
+
+@FEW
+@given(name=fragment_names.filter(lambda n: "\x00" not in n))  # argv cannot hold NUL
+@example(name="../x").via("explicit")
+@example(name=ABS + "x").via("explicit")
+def test_command_line_names_cannot_escape(name, model_folders, tmp_path_factory):
+    """Either the command refuses the name, or every file it writes lies directly in models/<kind>/."""
+    sandbox, models = sandbox_with_models(tmp_path_factory.getbasetemp())
+    name = name.replace(ABS, sandbox + os.sep)
+    try:
+        rc, err = run_convert([model_folders["csd_eps_safetensors"], "--models-dir", models, f"--name={name}",
+                               "--only", "split", "--no-progress"], cwd=PACK_DIR)
+        written = files_below(sandbox)
+        if rc != 0:
+            assert rc == 2 and "--name: Invalid name" in err, err
+            assert written == []
+        else:
+            expected_dirs = {os.path.join("a", "b", "models", folder) for folder in SPLIT_FOLDERS.values()}
+            assert len(written) == 3 and {os.path.dirname(p) for p in written} == expected_dirs, written
+    finally:
+        shutil.rmtree(sandbox)
+
+
+@pytest.fixture(scope="module")
+def linked_comfyui(tmp_path_factory):
+    """A ComfyUI whose entries are links to the real one's, with its own empty models/ and the pack linked into
+    its custom_nodes/: (ComfyUI folder, the pack's path through the link)."""
+    comfyui = tmp_path_factory.mktemp("linked") / "ComfyUI"
+    (comfyui / "custom_nodes").mkdir(parents=True)
+    (comfyui / "models").mkdir()
+    for entry in os.listdir(COMFYUI_PATH):
+        if entry not in ("custom_nodes", "models"):
+            os.symlink(os.path.join(COMFYUI_PATH, entry), comfyui / entry)
+    pack_link = comfyui / "custom_nodes" / "comfyui-chinese-sd"
+    os.symlink(PACK_DIR, pack_link)
+    return str(comfyui), str(pack_link)
+
+
+def env_without_comfyui(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("COMFYUI_PATH", "PYTHONPATH", "PWD")}
+    return {**env, **extra}
+
+
+def assert_split_files_in(models, umask):
+    written = files_below(models)
+    assert [os.path.dirname(p) for p in written] == sorted(SPLIT_FOLDERS.values()), written
+    for p in written:  # what the umask gives any new file (save_file alone makes them 0600)
+        assert stat.S_IMODE(os.stat(os.path.join(models, p)).st_mode) == 0o666 & ~umask, p
+
+
+def test_linked_pack_finds_its_comfyui(linked_comfyui, model_folders):
+    """Run from ComfyUI/custom_nodes/<pack> where <pack> is a link, without COMFYUI_PATH: the files go to that
+    ComfyUI's models/ (found through $PWD, which keeps the link), with the permissions the umask gives."""
+    comfyui, pack_link = linked_comfyui
+    models, umask = os.path.join(comfyui, "models"), 0o002
+    os.makedirs(os.path.join(models, "vae"))
+    stale = os.path.join(models, "vae", "csd_eps_safetensors_vae.safetensors.partial")  # from an interrupted run
+    with open(stale, "wb") as f:
+        f.write(b"cut short")
+    os.chmod(stale, 0o600)
+    try:
+        rc, err = run_convert([model_folders["csd_eps_safetensors"], "--only", "split", "--no-progress"],
+                              cwd=pack_link, env=env_without_comfyui(PWD=pack_link), umask=umask)
+        assert rc == 0, err
+        assert_split_files_in(models, umask)
+    finally:
+        shutil.rmtree(models)
+        os.mkdir(models)
+
+
+def test_models_dir_needs_no_search(linked_comfyui, model_folders, tmp_path):
+    """--models-dir ComfyUI/models from anywhere: ComfyUI's code is taken from the folder above it (and the
+    files get the permissions of a second umask)."""
+    comfyui, _ = linked_comfyui
+    models = os.path.join(comfyui, "models")
+    try:
+        rc, err = run_convert([model_folders["csd_eps_safetensors"], "--models-dir", models, "--only", "split",
+                               "--no-progress"], cwd=str(tmp_path),
+                              env=env_without_comfyui(PWD=str(tmp_path), PYTHONPATH=PACK_DIR))
+        assert rc == 0, err
+        assert_split_files_in(models, 0o022)
+    finally:
+        shutil.rmtree(models)
+        os.mkdir(models)
+
+
+def checkout_in_a_comfyui():
+    return any(convert.is_comfyui(p) for p in convert._parents(os.path.realpath(PACK_DIR), 3))
+
+
+@pytest.mark.skipif(checkout_in_a_comfyui(), reason="this checkout of the pack lies in a ComfyUI's custom_nodes/")
+def test_no_comfyui_anywhere_says_to_set_comfyui_path(model_folders, tmp_path):
+    rc, err = run_convert([model_folders["csd_eps_safetensors"], "--models-dir", str(tmp_path), "--only", "split"],
+                          cwd=str(tmp_path), env=env_without_comfyui(PWD=str(tmp_path), PYTHONPATH=PACK_DIR))
+    assert rc == 2 and "ComfyUI was not found" in err and "set COMFYUI_PATH" in err, err
+    assert files_below(tmp_path) == []
+
+
+def test_find_comfyui_through_links(linked_comfyui, monkeypatch, tmp_path):
+    comfyui, pack_link = linked_comfyui
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.delenv("PWD", raising=False)
+    assert convert.find_comfyui(os.path.join(pack_link, "loaders", "convert.py")) == comfyui  # imported via the link
+    module = str(tmp_path / "elsewhere" / "pack" / "loaders" / "convert.py")  # imported from outside any ComfyUI
+    assert convert.find_comfyui(module) is None
+    monkeypatch.chdir(pack_link)  # the process's working directory is the resolved one...
+    assert os.getcwd() == os.path.realpath(PACK_DIR)
+    monkeypatch.setenv("PWD", pack_link)  # ...the shell's keeps the link
+    assert convert.find_comfyui(module) == comfyui
+    monkeypatch.setenv("PWD", str(tmp_path))  # a stale $PWD that names another folder is ignored
+    assert convert.find_comfyui(module) is None
+    monkeypatch.setenv("COMFYUI_PATH", comfyui)
+    assert convert.find_comfyui(module) == comfyui
+
+
+def test_failed_write_leaves_no_partial_file(model_folders, tmp_path):
+    """A write that fails (here: files limited to 1 MB, like a full disk) leaves no .partial file behind."""
+    models = tmp_path / "models"
+    models.mkdir()
+    rc, err = run_convert([model_folders["csd_eps_safetensors"], "--models-dir", str(models), "--only", "split",
+                           "--no-progress"], cwd=PACK_DIR, limits={resource.RLIMIT_FSIZE: 1 << 20})
+    assert rc == 1 and "Cannot write the files in" in err and "Traceback" not in err, err
+    assert files_below(models) == []

@@ -101,7 +101,8 @@ def test_config_that_does_not_match_the_weights(tmp_path, model_folders):
     config = json.loads((te / "config.json").read_text(encoding="utf-8"))
     config["num_hidden_layers"] = 24
     (te / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    expect_error(lambda: text_tower.read_text_encoder(str(te)), "model.safetensors", "num_hidden_layers=2", "24")
+    expect_error(lambda: text_tower.read_text_encoder(str(te)), "config.json", "'num_hidden_layers' = 24",
+                 "expected 2 as in the weights (model.safetensors)")
 
 
 def test_incomplete_text_encoder(tmp_path, model_folders):
@@ -122,7 +123,7 @@ def test_unsupported_scheduler_config(tmp_path, model_folders):
     path = tmp_path / "scheduler_config.json"
     path.write_text(json.dumps({"prediction_type": "sample"}), encoding="utf-8")
     unet_dir = os.path.join(model_folders["csd_eps_safetensors"], "unet")
-    expect_error(lambda: unet.load_unet(unet_dir, scheduler_config=str(path)), path, "prediction_type 'sample'")
+    expect_error(lambda: unet.load_unet(unet_dir, scheduler_config=str(path)), path, "'prediction_type' = 'sample'")
     path.write_text("{not json", encoding="utf-8")
     expect_error(lambda: unet.load_unet(unet_dir, scheduler_config=str(path)), path, "not valid JSON")
 
@@ -160,17 +161,17 @@ def test_tokenizer_metadata_cannot_write_outside(tmp_path, model_folders, name):
         name = str(tmp_path / "absolute.py")
     bad = json.dumps({"vocab.txt": "[PAD]\n", name: "import os\n"})
     path = _converted_text_file(tmp_path, model_folders, {"chinese_sd.tokenizer": bad})
-    expect_error(lambda: text_tower.read_text_encoder(str(path)), path, "malformed metadata")
+    expect_error(lambda: text_tower.read_text_encoder(str(path)), path, "only the entries 'vocab.txt' and")
     assert not os.path.exists(tmp_path.parent / "escaped.py") and not os.path.exists(tmp_path / "absolute.py")
 
 
 @pytest.mark.parametrize("update,phrase", [
-    ({"chinese_sd.text_recipe": "{\"name\": \"modelscope\"}"}, "malformed metadata 'chinese_sd.text_recipe'"),
+    ({"chinese_sd.text_recipe": "{\"name\": \"modelscope\"}"}, "no 'chinese_sd.text_recipe: max_length'"),
     ({"chinese_sd.tokenizer": json.dumps({"vocab.txt": "x", "tokenizer_config.json": "{\"do_lower_case\": \"yes\"}"})},
-     "do_lower_case='yes'"),
-    ({"chinese_sd.text_encoder": "[1, 2]"}, "holding a list"),
-    ({"chinese_sd.tokenizer": "not json"}, "unreadable metadata"),
-    ({"chinese_sd.format_version": "7"}, "format version 7"),
+     "do_lower_case' = 'yes'"),
+    ({"chinese_sd.text_encoder": "[1, 2]"}, "holding a JSON array"),
+    ({"chinese_sd.tokenizer": "not json"}, "not valid JSON"),
+    ({"chinese_sd.format_version": "7"}, "format version '7'"),
 ])
 def test_malformed_converter_metadata(tmp_path, model_folders, update, phrase):
     path = _converted_text_file(tmp_path, model_folders, update)
@@ -210,7 +211,7 @@ def test_roberta_config_is_refused(tmp_path, model_folders):
     shutil.copytree(os.path.join(model_folders["csd_eps_safetensors"], "text_encoder"), te)
     config = json.loads((te / "config.json").read_text(encoding="utf-8"))
     (te / "config.json").write_text(json.dumps({**config, "model_type": "roberta"}), encoding="utf-8")
-    expect_error(lambda: text_tower.read_text_encoder(str(te)), "model.safetensors", "model_type 'roberta'")
+    expect_error(lambda: text_tower.read_text_encoder(str(te)), "config.json", "'model_type' = 'roberta'")
 
 
 def test_embedded_tokenizer_config_keeps_only_bert_settings(tmp_path, model_folders):
@@ -223,20 +224,30 @@ def test_embedded_tokenizer_config_keeps_only_bert_settings(tmp_path, model_fold
         {"do_lower_case": True, "vocab_file": str(elsewhere), "model_max_length": 7})})
     path = _converted_text_file(tmp_path, model_folders, {"chinese_sd.tokenizer": embedded})
     tower = text_tower.read_text_encoder(str(path))
-    with open(os.path.join(tower.tokenizer_dir, "tokenizer_config.json"), encoding="utf-8") as f:
-        assert json.load(f) == {"do_lower_case": True}
+    assert json.loads(tower.tokenizer.files()["tokenizer_config.json"]) == {
+        "do_lower_case": True, "tokenize_chinese_chars": True, "strip_accents": None, "cls_token": "[CLS]",
+        "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]", "mask_token": "[MASK]"}
     clip = chinese_clip.build_clip(tower, dtype=torch.float32)
     assert len(clip.tokenizer.chinese_clip.tokenizer) == 21128
 
 
-def test_tokenizer_whose_special_ids_do_not_fit(tmp_path, model_folders):
+def test_tokenizer_config_names_the_special_tokens(tmp_path, model_folders):
+    """The folder's tokenizer_config.json says which tokens start, end and pad a window: followed as the
+    reference tokenizer follows it, or refused when the token is not in the vocabulary."""
+    from reference import hf_tokenizer
     folder = tmp_path / "model"
     shutil.copytree(model_folders["csd_eps_safetensors"], folder)
     config_path = folder / "tokenizer" / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config_path.write_text(json.dumps({**config, "cls_token": "[unused1]"}), encoding="utf-8")
     tower = text_tower.read_text_encoder(str(folder / "text_encoder"))
-    expect_error(lambda: chinese_clip.build_clip(tower), "tokenizer", "'start': 1", "'start': 101")
+    clip = chinese_clip.build_clip(tower, dtype=torch.float32)
+    ours = [t for t, _ in clip.tokenize("中国山水画")["chinese_clip"][0]]
+    reference = hf_tokenizer(str(folder / "tokenizer"))("中国山水画", padding="max_length", max_length=52)["input_ids"]
+    assert ours == reference and ours[0] == 1
+    config_path.write_text(json.dumps({**config, "cls_token": "[NOT-IN-VOCAB]"}), encoding="utf-8")
+    expect_error(lambda: text_tower.read_text_encoder(str(folder / "text_encoder")), "tokenizer_config.json",
+                 "a vocabulary without '[NOT-IN-VOCAB]', the cls_token that", "vocab.txt")
 
 
 def test_vocab_that_is_not_utf8(tmp_path, model_folders):
@@ -270,9 +281,9 @@ def test_unet_missing_whole_blocks_is_caught_by_its_config(tmp_path, model_folde
 
 
 @pytest.mark.parametrize("config,phrase", [
-    ({"beta_start": None}, "beta_start=None"),
-    ({"beta_end": "abc"}, "beta_end='abc'"),
-    ({"num_train_timesteps": "1e3"}, "num_train_timesteps='1e3'"),
+    ({"beta_start": -1}, "'beta_start' = -1"),
+    ({"beta_end": "abc"}, "'beta_end' = 'abc'"),
+    ({"num_train_timesteps": "1e3"}, "'num_train_timesteps' = '1e3'"),
     ({"beta_schedule": ["linear"]}, "beta_schedule"),
 ])
 def test_malformed_scheduler_values(tmp_path, model_folders, config, phrase):

@@ -11,7 +11,7 @@ import torch
 import comfy.supported_models
 from comfy_graph import folder_models, txt2img
 from conftest import pack
-from tiny_models import SD1_MAX_LENGTH, SD1_VARIANT
+from tiny_models import SD1_MAX_LENGTH, SD1_VARIANT, write_tokenizer_transformers5
 
 loaders = pack.loaders
 SEED, STEPS, CFG = 99, 10, 7.5
@@ -53,6 +53,35 @@ def masked_folder(model_folders, tmp_path_factory):
     config["use_attention_mask"] = True
     config_path.write_text(json.dumps(config), encoding="utf-8")
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def transformers5_folder(model_folders, tmp_path_factory):
+    """The same model with its tokenizer saved as transformers 5 saves it: tokenizer.json, no vocab.txt."""
+    folder = tmp_path_factory.mktemp("sd1_tf5") / "sd1_bert_tokenizer_json"
+    shutil.copytree(model_folders[SD1_VARIANT], folder, ignore=shutil.ignore_patterns("tokenizer"),
+                    copy_function=os.link)
+    write_tokenizer_transformers5(str(folder / "tokenizer"), model_max_length=SD1_MAX_LENGTH)
+    return str(folder)
+
+
+def test_tokenizer_in_transformers5_layout(model_folders, transformers5_folder, record_parity):
+    """A folder whose tokenizer has only tokenizer.json + tokenizer_config.json (what transformers 5 writes)
+    gives the pipeline's recipe (77 tokens from its tokenizer_config.json) and its conditioning; compared with
+    diffusers' pipeline on the published layout, and on this layout too where transformers can read it (5.x)."""
+    import transformers
+    clip, ours = our_encode(transformers5_folder, PROMPTS)
+    assert loaders.chinese_clip.recipe_of(clip) == \
+        f"diffusers StableDiffusionPipeline: {SD1_MAX_LENGTH} tokens, no attention mask"
+    references = [model_folders[SD1_VARIANT]]
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        references.append(transformers5_folder)
+    for folder in references:
+        ref = pipeline_encode(folder, PROMPTS)
+        diff = (ours - ref).abs().max().item()
+        record_parity(f"conditioning sd1 BERT, tokenizer.json layout vs pipeline ({os.path.basename(folder)})",
+                      diff, 1e-5)
+        assert ours.shape == ref.shape and diff <= 1e-5
 
 
 def test_recipe_follows_the_stock_pipeline(model_folders, masked_folder, record_parity):

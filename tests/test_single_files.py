@@ -35,7 +35,7 @@ def test_lone_text_encoder_file_infers_its_shape(tmp_path, model_folders, folder
     lone = tmp_path / "chinese_clip_text.safetensors"
     shutil.copy(os.path.join(model_folders[FOLDER], "text_encoder", "model.safetensors"), lone)
     tower = text_tower.read_text_encoder(str(lone))
-    assert tower.tokenizer_dir == text_tower.SHIPPED_TOKENIZER and tower.recipe == text_tower.MODELSCOPE
+    assert tower.tokenizer.shipped and tower.recipe == text_tower.MODELSCOPE
     shape = (tower.config["num_hidden_layers"], tower.config["hidden_size"], tower.config["num_attention_heads"])
     assert shape == (2, 1024, 16)
     assert torch.equal(encode_all(chinese_clip.build_clip(tower, dtype=torch.float32)), folder_cond)

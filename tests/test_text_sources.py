@@ -2,15 +2,17 @@
 conditioning (fp32, <= 1e-6) as the same weights loaded from the ModelScope folder."""
 
 import os
+import shutil
 
 import pytest
 import torch
 
 from conftest import pack
 from reference import REFERENCE_LENGTH, reference_encode
-from tiny_models import TEXT_CONFIG
+from tiny_models import TEXT_CONFIG, save_pretrained, write_tokenizer_transformers5
 
 chinese_clip = pack.loaders.chinese_clip
+Values = pack.loaders.values.Values
 text_tower = pack.loaders.text_tower
 weights = pack.loaders.weights
 FOLDER = "csd_eps_safetensors"
@@ -48,7 +50,7 @@ def assert_same(cond, folder_cond, record_parity, what):
 @pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
 def test_sharded_text_encoder_folder(tmp_path, hf_text_model, folder_cond, safe, record_parity):
     out = tmp_path / "text_encoder"
-    hf_text_model.save_pretrained(out, safe_serialization=safe, max_shard_size="40MB")
+    save_pretrained(hf_text_model, out, "safetensors" if safe else "bin", max_shard_size="40MB")
     index = "model.safetensors.index.json" if safe else "pytorch_model.bin.index.json"
     assert (out / index).is_file() and len(list(out.glob("*-of-*"))) > 1
     assert_same(encode_all(text_tower.read_text_encoder(str(out))), folder_cond, record_parity,
@@ -70,7 +72,7 @@ def _full_chinese_clip(hf_text_model):
 def test_full_hugging_face_chinese_clip_model(tmp_path, hf_text_model, folder_cond, safe, monkeypatch,
                                               record_parity):
     out = tmp_path / "chinese-clip-vit-huge-patch14"
-    _full_chinese_clip(hf_text_model).save_pretrained(out, safe_serialization=safe)
+    save_pretrained(_full_chinese_clip(hf_text_model), out, "safetensors" if safe else "bin")
     read_keys = []
     real_safe_open = weights.safetensors.safe_open
 
@@ -134,7 +136,7 @@ def test_cn_clip_training_checkpoint(tmp_path, hf_text_model, folder_cond, recor
                 "optimizer": optimizer.state_dict()}, path)  # what cn_clip/training/train.py writes
 
     tower = text_tower.read_text_encoder(str(path))
-    assert tower.tokenizer_dir == text_tower.SHIPPED_TOKENIZER
+    assert tower.tokenizer.shipped
     assert_same(encode_all(tower), folder_cond, record_parity, "cn_clip training checkpoint")
 
 
@@ -150,7 +152,7 @@ def test_shape_of_every_chinese_clip_tower_is_read_from_the_weights(layers, hidd
     with torch.device("meta"):
         sd = ChineseCLIPTextModel(config).state_dict()
     bert = text_tower.normalize_keys(sd, "meta")
-    found = text_tower.bert_config_from(bert, {}, "meta")  # no config.json: the weights alone
+    found = text_tower.bert_config_from(bert, Values({}, "meta"), "meta")  # no config.json: the weights alone
     assert (found["num_hidden_layers"], found["hidden_size"], found["num_attention_heads"],
             found["intermediate_size"], found["vocab_size"]) == (layers, hidden, heads, intermediate, 21128)
     text_tower.check_complete(bert, found, "meta")
@@ -175,3 +177,18 @@ def test_rbt3_shaped_tower_matches_the_reference(tmp_path, record_parity):
     diff = (ours - ref).abs().max().item()
     record_parity("conditioning RBT3-shaped lone file vs transformers", diff, 1e-5)
     assert diff <= 1e-5
+
+
+def test_tokenizer_json_layout_gives_the_same_tokens_and_conditioning(tmp_path, model_folders, folder_cond):
+    """The ModelScope folder with its tokenizer saved as transformers 5 saves it (tokenizer.json and
+    tokenizer_config.json, no vocab.txt): the same vocabulary and settings, the same conditioning."""
+    folder = tmp_path / "model"
+    shutil.copytree(model_folders[FOLDER], folder, ignore=shutil.ignore_patterns("tokenizer"), copy_function=os.link)
+    write_tokenizer_transformers5(str(folder / "tokenizer"), model_max_length=52)
+    tower = text_tower.read_text_encoder(str(folder / "text_encoder"))
+    published = text_tower.read_text_encoder(os.path.join(model_folders[FOLDER], "text_encoder"))
+    # (transformers 5 writes the whitespace token U+2028 of Chinese-CLIP's vocab.txt as '': BERT never emits it)
+    assert [t.strip() for t in tower.tokenizer.vocab] == [t.strip() for t in published.tokenizer.vocab]
+    assert tower.tokenizer.settings == published.tokenizer.settings
+    assert tower.tokenizer.source.endswith("tokenizer.json")
+    assert torch.equal(encode_all(tower), folder_cond)

@@ -1,8 +1,11 @@
 """Deterministic tiny Chinese Stable Diffusion folders in the exact ModelScope/diffusers layout.
 
-Each component is written by its real producer (transformers' save_pretrained, diffusers'
-save_pretrained, BertTokenizer.save_pretrained over Chinese-CLIP's own vocab.txt), with small
-random weights that keep the real model's invariants:
+Each component is written by its real producer (transformers' and diffusers' save_pretrained) in the
+layout the published models have, whatever transformers is installed: transformers 5 no longer writes
+vocab.txt or .bin files, so the tokenizer files (Chinese-CLIP's own vocab.txt, tokenizer_config.json,
+special_tokens_map.json as transformers 4 writes them) and .bin weights (torch.save of the state dict,
+which is what save_pretrained(safe_serialization=False) did) are written here. Small random weights keep
+the real model's invariants:
 - text_encoder: ChineseCLIPTextModel, hidden 1024 / 16 heads (ViT-H's text width), 2 layers;
 - unet: UNet2DConditionModel, SD2.1 style (linear proj, 64-channel heads, GroupNorm 32,
   cross-attention width 1024) with 2 levels of 64/128 channels;
@@ -10,6 +13,8 @@ random weights that keep the real model's invariants:
 - scheduler: DDIM config with the model's prediction type and beta schedule.
 """
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -22,6 +27,9 @@ VARIANTS = {  # ModelScope Chinese SD layout
     "csd_eps_safetensors": ("safetensors", "epsilon", 0.012),
     "csd_v_bin": ("bin", "v_prediction", 0.014),
 }
+FUZZ_VARIANT = "csd_fuzz"  # the same layout with a small text tower, for the many loads of the hostile-file tests
+FUZZ_TEXT_CONFIG = dict(vocab_size=21128, hidden_size=64, num_hidden_layers=2, num_attention_heads=1,
+                        intermediate_size=128, max_position_embeddings=64, type_vocab_size=2)
 SD1_VARIANT = "sd1_bert"  # a Taiyi-style SD1.x model: BERT text tower, stock diffusers pipeline layout
 SD1_TEXT_CONFIG = dict(vocab_size=21128, hidden_size=768, num_hidden_layers=2, num_attention_heads=12,
                        intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2)
@@ -58,12 +66,78 @@ def _fingerprint():
     return hashlib.sha256(src + f"{torch.__version__}{transformers.__version__}{diffusers.__version__}".encode()).hexdigest()[:12]
 
 
+def save_pretrained(model, folder, fmt, **kwargs):
+    """save_pretrained in the given weight format. .bin files (and sharded .bin sets) are written as
+    transformers 4 and diffusers wrote them (torch.save of each shard's state dict, an index naming them),
+    since transformers 5 writes safetensors only."""
+    model.save_pretrained(folder, safe_serialization=True, **kwargs)
+    if fmt != "bin":
+        return
+    from safetensors.torch import load_file
+    renames = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            stem = name[:-len(".safetensors")]
+            new = ("pytorch_model" + stem[len("model"):] if stem.startswith("model") else stem) + ".bin"
+            torch.save(load_file(os.path.join(folder, name)), os.path.join(folder, new))
+            os.remove(os.path.join(folder, name))
+            renames[name] = new
+    for name in os.listdir(folder):
+        if ".safetensors.index" in name:  # model.safetensors.index.json -> pytorch_model.bin.index.json
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                index = json.load(f)
+            index["weight_map"] = {k: renames[v] for k, v in index["weight_map"].items()}
+            new = name.replace(".safetensors.index", ".bin.index")
+            new = "pytorch_model" + new[len("model"):] if new.startswith("model") else new
+            _write_json(os.path.join(folder, new), index)
+            os.remove(os.path.join(folder, name))
+
+
+_SPECIAL = {"pad_token": ("[PAD]", 0), "unk_token": ("[UNK]", 100), "cls_token": ("[CLS]", 101),
+            "sep_token": ("[SEP]", 102), "mask_token": ("[MASK]", 103)}
+
+
+def write_tokenizer(folder, model_max_length=None):
+    """A BERT tokenizer folder as the published models have it (transformers 4's BertTokenizer.save_pretrained):
+    vocab.txt, tokenizer_config.json, special_tokens_map.json."""
+    os.makedirs(folder, exist_ok=True)
+    shutil.copyfile(chinese_clip_vocab(), os.path.join(folder, "vocab.txt"))
+    added = {str(i): {"content": tok, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                      "special": True} for tok, i in sorted(_SPECIAL.values(), key=lambda x: x[1])}
+    config = {"added_tokens_decoder": added, "clean_up_tokenization_spaces": True, "do_basic_tokenize": True,
+              "do_lower_case": True, "extra_special_tokens": {}, "model_max_length": model_max_length or int(1e30),
+              "never_split": None, "strip_accents": None, "tokenize_chinese_chars": True,
+              "tokenizer_class": "BertTokenizer", **{k: tok for k, (tok, _) in _SPECIAL.items()}}
+    _write_json(os.path.join(folder, "tokenizer_config.json"), config)
+    _write_json(os.path.join(folder, "special_tokens_map.json"), {k: tok for k, (tok, _) in _SPECIAL.items()})
+
+
+def write_tokenizer_transformers5(folder, model_max_length):
+    """A BERT tokenizer folder as transformers 5 saves it: tokenizer.json + tokenizer_config.json, no vocab.txt.
+    Under transformers 5 its own save_pretrained writes it; under 4.x the fast tokenizer writes the same
+    tokenizer.json and the config gets transformers 5's keys."""
+    import transformers
+    from transformers import BertTokenizerFast
+    os.makedirs(folder, exist_ok=True)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        from transformers import BertTokenizer
+        BertTokenizer(chinese_clip_vocab(), do_lower_case=True, model_max_length=model_max_length).save_pretrained(folder)
+    else:
+        BertTokenizerFast(chinese_clip_vocab(), do_lower_case=True).backend_tokenizer.save(
+            os.path.join(folder, "tokenizer.json"))
+        _write_json(os.path.join(folder, "tokenizer_config.json"), {
+            "backend": "tokenizers", "do_lower_case": True, "model_max_length": model_max_length,
+            "strip_accents": None, "tokenize_chinese_chars": True, "tokenizer_class": "BertTokenizer",
+            **{k: tok for k, (tok, _) in _SPECIAL.items()}})
+    assert sorted(os.listdir(folder)) == ["tokenizer.json", "tokenizer_config.json"], os.listdir(folder)
+
+
 def _save_text_encoder(dest, fmt):
-    from transformers import BertTokenizer, ChineseCLIPTextConfig, ChineseCLIPTextModel
+    from transformers import ChineseCLIPTextConfig, ChineseCLIPTextModel
     torch.manual_seed(1)
     model = ChineseCLIPTextModel(ChineseCLIPTextConfig(**TEXT_CONFIG)).eval()
-    model.save_pretrained(os.path.join(dest, "text_encoder"), safe_serialization=fmt == "safetensors")
-    BertTokenizer(chinese_clip_vocab(), do_lower_case=True).save_pretrained(os.path.join(dest, "tokenizer"))
+    save_pretrained(model, os.path.join(dest, "text_encoder"), fmt)
+    write_tokenizer(os.path.join(dest, "tokenizer"))
 
 
 def _unet(config):
@@ -77,7 +151,7 @@ def _unet(config):
 
 
 def _save_unet(dest, fmt):
-    _unet(UNET_CONFIG).save_pretrained(os.path.join(dest, "unet"), safe_serialization=fmt == "safetensors")
+    save_pretrained(_unet(UNET_CONFIG), os.path.join(dest, "unet"), fmt)
 
 
 def _vae():
@@ -87,7 +161,7 @@ def _vae():
 
 
 def _save_vae(dest, fmt):
-    _vae().save_pretrained(os.path.join(dest, "vae"), safe_serialization=fmt == "safetensors")
+    save_pretrained(_vae(), os.path.join(dest, "vae"), fmt)
 
 
 def build_sd1_variant(dest):
@@ -103,6 +177,8 @@ def build_sd1_variant(dest):
                                    unet=_unet(SD1_UNET_CONFIG), scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(dest, safe_serialization=True)
+    shutil.rmtree(os.path.join(dest, "tokenizer"))  # the published layout, whatever transformers wrote
+    write_tokenizer(os.path.join(dest, "tokenizer"), model_max_length=SD1_MAX_LENGTH)
 
 
 def _save_scheduler(dest, prediction, beta_end):
@@ -123,6 +199,26 @@ def build_variant(dest, fmt, prediction, beta_end):
     _save_unet(dest, fmt)
     _save_vae(dest, fmt)
     _save_scheduler(dest, prediction, beta_end)
+    _write_pipeline_files(dest)
+
+
+def build_fuzz_variant(dest, vae_source):
+    """ModelScope layout, small text tower (64 wide), the tiny UNet, the SD VAE linked from vae_source."""
+    from transformers import ChineseCLIPTextConfig, ChineseCLIPTextModel
+    os.makedirs(dest)
+    torch.manual_seed(6)
+    save_pretrained(ChineseCLIPTextModel(ChineseCLIPTextConfig(**FUZZ_TEXT_CONFIG)).eval(),
+                    os.path.join(dest, "text_encoder"), "safetensors")
+    write_tokenizer(os.path.join(dest, "tokenizer"), model_max_length=52)
+    _save_unet(dest, "safetensors")
+    os.makedirs(os.path.join(dest, "vae"))
+    for name in os.listdir(vae_source):
+        os.link(os.path.join(vae_source, name), os.path.join(dest, "vae", name))
+    _save_scheduler(dest, "epsilon", 0.012)
+    _write_pipeline_files(dest)
+
+
+def _write_pipeline_files(dest):
     _write_json(os.path.join(dest, "model_index.json"), {
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.36.0",
         "feature_extractor": [None, None], "safety_checker": [None, None],
@@ -139,23 +235,47 @@ def build_variant(dest, fmt, prediction, beta_end):
     })
 
 
+@contextlib.contextmanager
+def _locked(root):
+    """One builder at a time (test runs of several environments may share the cache)."""
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build_once(dest, build):
+    if not os.path.isfile(os.path.join(dest, "model_index.json")):
+        tmp = dest + ".partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        build(tmp)
+        os.replace(tmp, dest)
+    return dest
+
+
 def build_all(cache_dir):
     """Build (once per builder version) every variant under cache_dir; returns {name: folder}."""
     root = os.path.join(cache_dir, "fixtures", _fingerprint())
     out = {}
-    for name, (fmt, prediction, beta_end) in VARIANTS.items():
-        dest = os.path.join(root, name)
-        if not os.path.isfile(os.path.join(dest, "model_index.json")):
-            tmp = dest + ".partial"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(dest, ignore_errors=True)
-            build_variant(tmp, fmt, prediction, beta_end)
-            os.replace(tmp, dest)
-        out[name] = dest
-    dest = os.path.join(root, SD1_VARIANT)
-    if not os.path.isfile(os.path.join(dest, "model_index.json")):
-        shutil.rmtree(dest + ".partial", ignore_errors=True)
-        build_sd1_variant(dest + ".partial")
-        os.replace(dest + ".partial", dest)
-    out[SD1_VARIANT] = dest
+    with _locked(root):
+        for name, (fmt, prediction, beta_end) in VARIANTS.items():
+            out[name] = _build_once(os.path.join(root, name),
+                                    lambda tmp: build_variant(tmp, fmt, prediction, beta_end))
+        out[SD1_VARIANT] = _build_once(os.path.join(root, SD1_VARIANT), build_sd1_variant)
+        out[FUZZ_VARIANT] = _build_once(os.path.join(root, FUZZ_VARIANT),
+                                        lambda tmp: build_fuzz_variant(tmp, os.path.join(out["csd_eps_safetensors"], "vae")))
+        _forget_old_builds(root)
     return out
+
+
+def _forget_old_builds(root, keep=4):
+    """Fixtures of older builder versions are dead weight (1 GB each): keep the few used most recently."""
+    os.utime(root)
+    parent = os.path.dirname(root)
+    builds = sorted((os.path.join(parent, n) for n in os.listdir(parent)), key=os.path.getmtime, reverse=True)
+    for old in builds[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
