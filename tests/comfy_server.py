@@ -3,8 +3,10 @@
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -88,6 +90,14 @@ class ComfyServer:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read().decode("utf-8"))
 
+    def post(self, path, data):
+        """POST JSON; returns the HTTP status (for endpoints such as /interrupt that answer no JSON)."""
+        req = urllib.request.Request(self.url + path, data=json.dumps(data).encode("utf-8"),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            r.read()
+            return r.status
+
     def run_prompt(self, workflow, timeout=300):
         """Queue an API-format workflow and wait for its history entry."""
         status, body = self.post_json("/prompt", {"prompt": workflow, "client_id": uuid.uuid4().hex})
@@ -157,7 +167,6 @@ def run_prompt_with_messages(server, workflow, timeout=300):
     """Queue a workflow while listening on the websocket; returns (history entry, {node id: [texts]})
     of the progress texts nodes showed (ComfyUI's binary TEXT events)."""
     import asyncio
-    import struct
 
     import aiohttp
 
@@ -178,15 +187,11 @@ def run_prompt_with_messages(server, workflow, timeout=300):
                 while time.time() < deadline:
                     msg = await ws.receive(timeout=max(1.0, deadline - time.time()))
                     if msg.type == aiohttp.WSMsgType.BINARY:
-                        (event,) = struct.unpack(">I", msg.data[:4])
-                        if event == 3:  # TEXT: node id length, node id, text
-                            (n,) = struct.unpack(">I", msg.data[4:8])
-                            node_id = msg.data[8:8 + n].decode("utf-8")
-                            texts.setdefault(node_id, []).append(msg.data[8 + n:].decode("utf-8"))
+                        text = parse_text_event(msg.data)
+                        if text is not None:
+                            texts.setdefault(text[0], []).append(text[1])
                     elif msg.type == aiohttp.WSMsgType.TEXT:
-                        data = json.loads(msg.data)
-                        if data["type"] in ("execution_success", "execution_error") and \
-                                data["data"].get("prompt_id") == prompt_id:
+                        if is_prompt_done(json.loads(msg.data), prompt_id):  # its history entry is written
                             return prompt_id
                     elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                         raise RuntimeError("websocket closed")
@@ -194,3 +199,160 @@ def run_prompt_with_messages(server, workflow, timeout=300):
 
     prompt_id = asyncio.run(listen())
     return server.get_json(f"/history/{prompt_id}")[prompt_id], texts
+
+
+def parse_text_event(data):
+    """(node id, text) of a binary websocket message if it is ComfyUI's TEXT event (a progress text a node
+    shows), else None."""
+    (event,) = struct.unpack(">I", data[:4])
+    if event != 3:  # TEXT: node id length, node id, text
+        return None
+    (n,) = struct.unpack(">I", data[4:8])
+    return data[8:8 + n].decode("utf-8"), data[8 + n:].decode("utf-8")
+
+
+TERMINAL_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
+
+
+def is_prompt_done(message, prompt_id):
+    """The server's last word about a prompt, sent once its history entry is written: executing node None."""
+    return message["type"] == "executing" and message["data"].get("node") is None and \
+        message["data"].get("prompt_id") == prompt_id
+
+
+class ComfySocket:
+    """A websocket client of a ComfyUI server, as the frontend is one: it connects with its client id, and
+    prompts it queues (queue_prompt) report to it. Every JSON message (and every TEXT event, as
+    {"type": "text", "data": {"node": ..., "text": ...}}) is kept in order in .messages; wait_for() blocks
+    until a message matching a predicate has arrived. Use as a context manager."""
+
+    def __init__(self, server, connect_timeout=30):
+        import asyncio
+
+        self.server = server
+        self.client_id = uuid.uuid4().hex
+        self.messages = []
+        self._closed = None  # why the socket stopped, once it has
+        self._cond = threading.Condition()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._ws = self._session = None
+        self._reader = None
+        try:
+            asyncio.run_coroutine_threadsafe(self._connect(connect_timeout), self._loop).result(connect_timeout + 5)
+        except BaseException:
+            self.close()
+            raise
+
+    async def _connect(self, timeout):
+        import asyncio
+
+        import aiohttp
+
+        self._session = aiohttp.ClientSession()
+        self._ws = await self._session.ws_connect(f"{self.server.url}/ws?clientId={self.client_id}")
+        # the server greets a socket once it has registered it: only then can nothing be missed
+        while True:
+            msg = await self._ws.receive(timeout=timeout)
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                raise RuntimeError(f"websocket closed before the server's greeting: {msg}")
+            data = json.loads(msg.data)
+            self._append(data)
+            if data["type"] == "status":
+                break
+        self._reader = asyncio.ensure_future(self._read())
+
+    def _append(self, message):
+        with self._cond:
+            self.messages.append(message)
+            self._cond.notify_all()
+
+    async def _read(self):
+        import aiohttp
+
+        try:
+            async for msg in self._ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    self._append(json.loads(msg.data))
+                elif msg.type == aiohttp.WSMsgType.BINARY:
+                    text = parse_text_event(msg.data)
+                    if text is not None:
+                        self._append({"type": "text", "data": {"node": text[0], "text": text[1]}})
+            reason = "websocket closed"
+        except Exception as e:  # noqa: BLE001  (reported to whoever waits)
+            reason = f"websocket failed: {e!r}"
+        with self._cond:
+            self._closed = reason
+            self._cond.notify_all()
+
+    def queue_prompt(self, workflow):
+        """POST a workflow with this socket's client id; returns its prompt id."""
+        status, body = self.server.post_json("/prompt", {"prompt": workflow, "client_id": self.client_id})
+        assert status == 200, f"prompt rejected ({status}): {body}"
+        return body["prompt_id"]
+
+    def wait_for(self, predicate, timeout=300, start=0):
+        """The first message (from index start on) for which predicate(message) is true; waits for it."""
+        deadline = time.time() + timeout
+        i = start
+        with self._cond:
+            while True:
+                while i < len(self.messages):
+                    if predicate(self.messages[i]):
+                        return self.messages[i]
+                    i += 1
+                if self._closed:
+                    raise RuntimeError(self._closed)
+                if self.server.proc.poll() is not None:
+                    raise RuntimeError(f"ComfyUI died:\n{self.server.log_text()[-5000:]}")
+                left = deadline - time.time()
+                if left <= 0:
+                    raise TimeoutError(f"no such message in {timeout}s; last messages: {self.messages[-5:]}\n"
+                                       f"{self.server.log_text()[-3000:]}")
+                self._cond.wait(min(left, 1.0))  # wakes on every message; the timeout only re-checks the server
+
+    def wait_finished(self, prompt_id, timeout=300):
+        """The message that ended the prompt (execution_success, execution_error or execution_interrupted), once
+        its history entry is written too (the server then says it executes node None)."""
+        end = self.wait_for(lambda m: m["type"] in TERMINAL_EVENTS and m["data"].get("prompt_id") == prompt_id,
+                            timeout)
+        self.wait_for(lambda m: is_prompt_done(m, prompt_id), timeout)
+        return end
+
+    def messages_of(self, prompt_id, type=None):
+        """The JSON messages about one prompt so far (optionally only those of one type)."""
+        with self._cond:
+            return [m for m in self.messages if isinstance(m.get("data"), dict) and
+                    m["data"].get("prompt_id") == prompt_id and (type is None or m["type"] == type)]
+
+    def run(self, workflow, timeout=300):
+        """Queue a workflow and wait for it to end; returns (history entry, the messages about it)."""
+        prompt_id = self.queue_prompt(workflow)
+        self.wait_finished(prompt_id, timeout)
+        return self.server.get_json(f"/history/{prompt_id}")[prompt_id], self.messages_of(prompt_id)
+
+    def close(self):
+        import asyncio
+
+        async def shut():
+            if self._ws is not None:
+                await self._ws.close()
+            if self._reader is not None:
+                await self._reader
+            if self._session is not None:
+                await self._session.close()
+
+        if self._thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(shut(), self._loop).result(30)
+            finally:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(30)
+        self._loop.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
