@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One command that sets up everything the test suite needs on a fresh machine and runs it:
 #
-#   bash tests/run.sh [--host COMFYUI_VERSION] [--transformers VERSION] [pytest args...]
+#   bash tests/run.sh [--host COMFYUI_VERSION] [--transformers VERSION] [--setup-only] [pytest args...]
+#
+# --setup-only prepares the environment(s) and prints, for each, a line `PYTHON=... COMFYUI_PATH=...`
+# (what the benchmarks and the run command use) instead of running pytest.
 #
 # Without --host / --transformers it runs the whole supported matrix, one combination after the other:
 #   ComfyUI 0.3.52 (the oldest the pack supports) with transformers 4.57.6, and
@@ -40,9 +43,10 @@ diffusers_for() {  # the reference diffusers release that works with this transf
 
 log() { echo "[tests/run.sh] $*" >&2; }
 
-host="" transformers=""
+host="" transformers="" setup_only=0
 while [ $# -gt 0 ]; do
     case $1 in
+        --setup-only) setup_only=1; shift ;;
         --host) host=$2; shift 2 ;;
         --host=*) host=${1#*=}; shift ;;
         --transformers) transformers=$2; shift 2 ;;
@@ -143,6 +147,13 @@ trap cleanup EXIT
 failed=""
 for combo in $combos; do setup_combo "${combo%%:*}" "${combo#*:}"; done
 rm -rf "$cache/venv"  # the single environment of earlier versions of this script
+if [ "$setup_only" = 1 ]; then
+    for combo in $combos; do
+        setup_combo "${combo%%:*}" "${combo#*:}"
+        echo "PYTHON=$py COMFYUI_PATH=$comfy"
+    done
+    exit 0
+fi
 for combo in $combos; do
     host=${combo%%:*} tf=${combo#*:}
     setup_combo "$host" "$tf"
