@@ -53,4 +53,7 @@ def model_loader_inputs(prediction_tooltip):
         io.Combo.Input("prediction", options=PREDICTIONS, default="auto", tooltip=prediction_tooltip),
         io.Combo.Input("unet_dtype", options=list(DTYPES), default="default"),
         io.Combo.Input("text_encoder_dtype", options=list(DTYPES), default="default"),
+        # optional: API-format workflows written before it existed keep validating
+        io.Combo.Input("text_encoder_device", options=list(DEVICES), default="default", optional=True,
+                       tooltip="cpu keeps the text encoder on the CPU (saves VRAM; encoding is a small part of a run)."),
     ]

@@ -51,11 +51,12 @@ class ModelScopeLoader(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model_folder, prediction="auto", unet_dtype="default", text_encoder_dtype="default") -> io.NodeOutput:
+    def execute(cls, model_folder, prediction="auto", unet_dtype="default", text_encoder_dtype="default",
+                text_encoder_device="default") -> io.NodeOutput:
         folder = choices.resolve_model_folder(model_folder)
         model, clip, vae = modelscope.load_folder(
             folder, prediction=prediction, unet_dtype=choices.DTYPES[unet_dtype],
-            clip_dtype=choices.DTYPES[text_encoder_dtype],
+            clip_dtype=choices.DTYPES[text_encoder_dtype], clip_device=choices.DEVICES[text_encoder_device],
             embedding_directory=folder_paths.get_folder_paths("embeddings"))
         return io.NodeOutput(model, clip, vae)
 
@@ -78,10 +79,11 @@ class CheckpointLoader(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, ckpt_name, prediction="auto", unet_dtype="default", text_encoder_dtype="default") -> io.NodeOutput:
+    def execute(cls, ckpt_name, prediction="auto", unet_dtype="default", text_encoder_dtype="default",
+                text_encoder_device="default") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
         model, clip, vae = checkpoint.load_checkpoint(
             path, prediction=prediction, unet_dtype=choices.DTYPES[unet_dtype],
-            clip_dtype=choices.DTYPES[text_encoder_dtype],
+            clip_dtype=choices.DTYPES[text_encoder_dtype], clip_device=choices.DEVICES[text_encoder_device],
             embedding_directory=folder_paths.get_folder_paths("embeddings"))
         return io.NodeOutput(model, clip, vae)

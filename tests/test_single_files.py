@@ -132,3 +132,13 @@ def test_fp16_variant_sharded_set(tmp_path, model_folders, folder_cond):
     for target in (tmp_path, tmp_path / shards[0]):  # the folder, and one shard picked in a dropdown
         tower = text_tower.read_text_encoder(str(target))
         assert torch.equal(encode_all(chinese_clip.build_clip(tower, dtype=torch.float32)), folder_cond)
+
+
+@pytest.mark.parametrize("device", ["default", "cpu"])
+def test_all_in_one_loader_text_encoder_device(model_folders, device):
+    """The folder loader's text_encoder_device: cpu pins the text encoder to the CPU (the low-VRAM choice)."""
+    model, clip, vae = pack.nodes.ModelScopeLoader.execute(model_folder=FOLDER, text_encoder_device=device).args
+    import comfy.model_management
+    expected = torch.device("cpu") if device == "cpu" else comfy.model_management.text_encoder_device()
+    assert clip.patcher.load_device == expected
+    assert clip.encode_from_tokens(clip.tokenize("中国山水画")).isfinite().all()
