@@ -2,6 +2,10 @@
 
 from .nodes import ChineseSDExtension
 
+# served at /extensions/<this folder's name>/: the encode node's token counter (js/) and the nodes' help
+# pages (docs/<node ID>.md, docs/<node ID>/zh.md), which ComfyUI's node Info panel shows
+WEB_DIRECTORY = "./web"
+
 
 async def comfy_entrypoint() -> ChineseSDExtension:
     return ChineseSDExtension()

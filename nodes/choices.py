@@ -47,12 +47,26 @@ def resolve_component(name, component, file_folder):
                          f"a file in models/{file_folder}/ or a '<model folder>{suffix}' entry")
 
 
+UNET_DTYPE_TOOLTIP = "Weight dtype of the UNet; default lets ComfyUI choose for your device (fp16 on most GPUs)."
+MODEL_TOOLTIP = "The Chinese SD UNet with its prediction type and noise schedule, for KSampler (LoRAs work)."
+CLIP_TOOLTIP = "The Chinese-CLIP text encoder, for Chinese-CLIP Text Encode."
+VAE_TOOLTIP = "The Stable Diffusion VAE, for VAE Decode and VAE Encode."
+
+
+def model_loader_outputs():
+    """MODEL, CLIP, VAE: the outputs of the all-in-one loaders."""
+    return [io.Model.Output(tooltip=MODEL_TOOLTIP), io.Clip.Output(tooltip=CLIP_TOOLTIP),
+            io.Vae.Output(tooltip=VAE_TOOLTIP)]
+
+
 def model_loader_inputs(prediction_tooltip):
     """The inputs the all-in-one loaders share after their file/folder choice."""
     return [
         io.Combo.Input("prediction", options=PREDICTIONS, default="auto", tooltip=prediction_tooltip),
-        io.Combo.Input("unet_dtype", options=list(DTYPES), default="default"),
-        io.Combo.Input("text_encoder_dtype", options=list(DTYPES), default="default"),
+        io.Combo.Input("unet_dtype", options=list(DTYPES), default="default", tooltip=UNET_DTYPE_TOOLTIP),
+        io.Combo.Input("text_encoder_dtype", options=list(DTYPES), default="default",
+                       tooltip="Weight dtype of the text encoder; default lets ComfyUI choose (fp16 on most devices). "
+                               "fp32 gives exactly the reference conditioning."),
         # optional: API-format workflows written before it existed keep validating
         io.Combo.Input("text_encoder_device", options=list(DEVICES), default="default", optional=True,
                        tooltip="cpu keeps the text encoder on the CPU (saves VRAM; encoding is a small part of a run)."),

@@ -23,9 +23,10 @@ class ChineseUNetLoader(io.ComfyNode):
                                        "models/diffusion_models."),
                 io.Combo.Input("prediction", options=choices.PREDICTIONS, default="auto",
                                tooltip="auto reads scheduler/scheduler_config.json (epsilon if there is none)."),
-                io.Combo.Input("weight_dtype", options=list(choices.DTYPES), default="default"),
+                io.Combo.Input("weight_dtype", options=list(choices.DTYPES), default="default",
+                               tooltip=choices.UNET_DTYPE_TOOLTIP),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip=choices.MODEL_TOOLTIP)],
         )
 
     @classmethod
@@ -44,10 +45,12 @@ class ModelScopeLoader(io.ComfyNode):
             description="Loads UNet, Chinese-CLIP text encoder and VAE from a ModelScope/diffusers folder such "
                         "as damo/multi-modal_chinese_stable_diffusion_v1.0 placed in models/diffusers/.",
             inputs=[
-                io.Combo.Input("model_folder", options=choices.model_folders()),
+                io.Combo.Input("model_folder", options=choices.model_folders(),
+                               tooltip="A ModelScope/diffusers model folder in models/diffusers/, e.g. "
+                                       "multi-modal_chinese_stable_diffusion_v1.0 as downloaded."),
                 *choices.model_loader_inputs("auto reads scheduler/scheduler_config.json."),
             ],
-            outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
+            outputs=choices.model_loader_outputs(),
         )
 
     @classmethod
@@ -72,10 +75,12 @@ class CheckpointLoader(io.ComfyNode):
                         "models/checkpoints/ written by this pack's converter (python -m loaders.convert); "
                         "prediction type and noise schedule come from the file's metadata.",
             inputs=[
-                io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints")),
+                io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
+                               tooltip="An all-in-one .safetensors file in models/checkpoints/ written by this "
+                                       "pack's converter (python -m loaders.convert)."),
                 *choices.model_loader_inputs("auto uses the prediction type recorded in the file."),
             ],
-            outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
+            outputs=choices.model_loader_outputs(),
         )
 
     @classmethod

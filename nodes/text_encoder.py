@@ -1,10 +1,14 @@
 """Chinese-CLIP text encoder loader and the encode node."""
 
+import logging
+
 import folder_paths
 from comfy_api.latest import io
 
-from ..loaders import chinese_clip, text_tower
+from ..loaders import chinese_clip, text_tower, token_count
 from . import choices
+
+log = logging.getLogger(__name__)
 
 
 class ChineseCLIPLoader(io.ComfyNode):
@@ -25,7 +29,8 @@ class ChineseCLIPLoader(io.ComfyNode):
                 io.Combo.Input("device", options=list(choices.DEVICES), default="default",
                                tooltip="cpu keeps the text encoder on the CPU."),
             ],
-            outputs=[io.Clip.Output()],
+            outputs=[io.Clip.Output(tooltip="The Chinese-CLIP text encoder, for Chinese-CLIP Text Encode (ComfyUI's "
+                                            "stock CLIP Text Encode works too and truncates like the reference).")],
         )
 
     @classmethod
@@ -45,16 +50,24 @@ class ChineseCLIPTextEncode(io.ComfyNode):
             display_name="Chinese-CLIP Text Encode",
             category="conditioning/Chinese Stable Diffusion",
             description="Encodes a (Chinese) prompt into SD2.1-compatible conditioning exactly as ModelScope's "
-                        "Chinese Stable Diffusion pipeline does. ComfyUI's (词:1.2) weighting works.",
+                        "Chinese Stable Diffusion pipeline does. ComfyUI's (词:1.2) weighting works. While you "
+                        "type, the node counts the prompt's tokens against the 52-token window and says where "
+                        "truncation would cut it.",
             inputs=[
-                io.Clip.Input("clip"),
-                io.String.Input("text", multiline=True, dynamic_prompts=True),
+                io.Clip.Input("clip", tooltip="The Chinese-CLIP text encoder from one of this pack's loaders."),
+                io.String.Input("text", multiline=True, dynamic_prompts=True,
+                                tooltip="The prompt, in Chinese (English and mixed text work too). ComfyUI's (word:1.2) "
+                                        "weighting and embedding:<name> work. A window holds 50 prompt tokens "
+                                        "(about 50 Chinese characters); the counter below the prompt shows how many "
+                                        "are used."),
                 io.Combo.Input("long_prompt", options=list(chinese_clip.LONG_PROMPT_MODES), default="truncate",
-                               tooltip="truncate: keep the first 52 tokens like the reference pipeline (a "
-                                       "warning says how many were dropped). chunk: encode the rest in extra "
-                                       "52-token windows, ComfyUI style."),
+                               tooltip="truncate: keep the first 52 tokens ([CLS], 50 prompt tokens, [SEP]) like "
+                                       "the reference pipeline; the counter says how many are dropped and where the "
+                                       "cut falls. chunk: encode the rest in extra 52-token windows, ComfyUI style."),
             ],
-            outputs=[io.Conditioning.Output()],
+            outputs=[io.Conditioning.Output(tooltip="Conditioning for KSampler's positive or negative input: one "
+                                                    "52-token window (1x52x1024 for the ModelScope model), more in "
+                                                    "chunk mode.")],
             hidden=[io.Hidden.unique_id],
         )
 
@@ -65,9 +78,24 @@ class ChineseCLIPTextEncode(io.ComfyNode):
                                "your checkpoint does not contain a valid clip or text encoder model.")
         tokens = clip.tokenize(text, tokenizer_options={chinese_clip.LONG_PROMPT_OPTION: long_prompt})
         recipe = chinese_clip.recipe_of(clip)
-        if recipe is not None:
-            show_on_node(cls.hidden.unique_id if cls.hidden else None, f"recipe: {recipe}")
+        node_id = cls.hidden.unique_id if cls.hidden else None
+        if recipe is not None and node_id is not None:
+            show_on_node(node_id, f"recipe: {recipe}" + exact_count(clip, text, tokens, long_prompt))
         return io.NodeOutput(clip.encode_from_tokens_scheduled(tokens))
+
+
+def exact_count(clip, text, tokens, long_prompt):
+    """'\\n' + the token count line (token_count.summary) of the prompt with the CLIP's own tokenizer, or '' if it
+    cannot be counted. tokens: what clip.tokenize gave for long_prompt; truncate mode kept only the first window,
+    so the prompt is tokenized once more in chunk mode."""
+    try:
+        if long_prompt != "chunk":
+            tokens = clip.tokenize(text, tokenizer_options={chinese_clip.LONG_PROMPT_OPTION: "chunk"})
+        stats = token_count.stats(tokens[chinese_clip.NAME], token_count.inner_tokenizer(clip.tokenizer), long_prompt)
+    except Exception as e:  # noqa: BLE001  (the count is shown for information; the encode goes on)
+        log.warning("Chinese-CLIP Text Encode: could not count the prompt's tokens: %r", e)
+        return ""
+    return "\n" + token_count.summary(stats)
 
 
 def show_on_node(node_id, text):

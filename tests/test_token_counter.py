@@ -1,0 +1,302 @@
+"""The encode node's token counter: POST /chinese_sd/tokens on a real ComfyUI server (what the web extension asks
+while the user types) and the exact count the node shows after a run (its progress text)."""
+
+import json
+import os
+import threading
+import time
+import urllib.request
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from comfy_server import ComfyServer, run_prompt_with_messages
+from conftest import COMFYUI_PATH, pack
+from reference import hf_tokenizer
+
+token_count = pack.loaders.token_count
+chinese_clip = pack.loaders.chinese_clip
+ROUTE = "/chinese_sd/tokens"
+
+# 60 distinct characters: 60 tokens, so the cut after the 50th falls at a place that says where it is
+POEMS = "春眠不觉晓处处闻啼鸟夜来风雨声花落知多少" "床前明月光疑是地上霜举头望明月低头思故乡" "白日依山尽黄河入海流欲穷千里目更上一层楼"
+EMBEDDING_VECTORS = 3
+# a text tower with a vocabulary of its own: without Chinese-character splitting, 中国山水画 is one token in it
+OWN_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "中国山水画", "中国", "山水", "画", "中", "国", "山", "水",
+             "##国", "##山", "##水", "##画", "，", "猫", "a", "b"]
+
+
+def build_own_vocab_model(dest):
+    """A ModelScope-layout folder (text encoder and tokenizer only) whose vocabulary is OWN_VOCAB."""
+    from transformers import ChineseCLIPTextConfig, ChineseCLIPTextModel
+    torch.manual_seed(0)
+    config = ChineseCLIPTextConfig(vocab_size=len(OWN_VOCAB), hidden_size=64, num_hidden_layers=1,
+                                   num_attention_heads=1, intermediate_size=128, max_position_embeddings=64)
+    ChineseCLIPTextModel(config).eval().save_pretrained(dest / "text_encoder", safe_serialization=True)
+    (dest / "tokenizer").mkdir()
+    (dest / "tokenizer" / "vocab.txt").write_text("".join(t + "\n" for t in OWN_VOCAB), encoding="utf-8")
+    (dest / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(
+        {"do_lower_case": True, "tokenize_chinese_chars": False, "tokenizer_class": "BertTokenizer"}),
+        encoding="utf-8")
+    (dest / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "text_encoder": ["transformers", "ChineseCLIPTextModel"],
+        "tokenizer": ["transformers", "BertTokenizer"]}), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def embeddings(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("embeddings")
+    vectors = torch.randn(EMBEDDING_VECTORS, 1024, generator=torch.Generator().manual_seed(0))
+    save_file({"chinese_clip": vectors}, str(folder / "good.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model_folders, converted, embeddings):
+    work = tmp_path_factory.mktemp("comfy_tokens")
+    diffusers = work / "diffusers"
+    diffusers.mkdir()
+    for name in ("csd_eps_safetensors", "sd1_bert"):
+        os.symlink(model_folders[name], diffusers / name)
+    build_own_vocab_model(diffusers / "own_vocab")
+    checkpoints = work / "checkpoints"
+    checkpoints.mkdir()
+    os.link(converted("csd_v_bin", "fp16")["checkpoint"], checkpoints / "csd_v_bin.safetensors")
+    srv = ComfyServer(COMFYUI_PATH, str(work), {"diffusers": str(diffusers), "checkpoints": str(checkpoints),
+                                                 "embeddings": str(embeddings)})
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("source", ["csd_eps_safetensors", "csd_v_bin", "sd1_bert", "csd_fuzz", "converted"])
+def test_the_counter_reads_the_tokenizer_the_loader_would_use(model_folders, converted, source):
+    """token_count.tokenizer_settings (small files only) picks what text_tower.read_text_encoder (which reads the
+    weights) picks: the same vocabulary, tokenizer settings and encode recipe."""
+    if source == "converted":
+        path = converted("csd_v_bin", "fp16")["text_encoder"]
+    else:
+        path = os.path.join(model_folders[source], "text_encoder")
+    tokenizer, recipe, hidden = token_count.tokenizer_settings(path)
+    tower = pack.loaders.text_tower.read_text_encoder(path)
+    assert (tokenizer.vocab, tokenizer.settings, tokenizer.shipped) == \
+        (tower.tokenizer.vocab, tower.tokenizer.settings, tower.tokenizer.shipped)
+    assert (recipe, hidden) == (tower.recipe, tower.config["hidden_size"])
+
+
+def count(server, text, long_prompt="truncate", model=None, expect_status=200):
+    body = {"text": text, "long_prompt": long_prompt}
+    if model is not None:
+        body["model"] = model
+    status, answer = server.post_json(ROUTE, body)
+    assert status == expect_status, answer
+    return answer
+
+
+def shipped_tokens(model_folders, text):
+    """Prompt tokens of the reference tokenizer (transformers' BertTokenizer over the model's vocab.txt)."""
+    ids = hf_tokenizer(os.path.join(model_folders["csd_eps_safetensors"], "tokenizer"))(text)["input_ids"]
+    return hf_tokenizer(os.path.join(model_folders["csd_eps_safetensors"], "tokenizer")).convert_ids_to_tokens(ids[1:-1])
+
+
+def test_a_chinese_prompt_counts_as_the_tokenizer_does(server, model_folders):
+    text = "一只可爱的猫咪坐在窗台上，阳光明媚，高清摄影 cute cat"
+    answer = count(server, text)
+    assert answer["tokens"] == len(shipped_tokens(model_folders, text)) > 20
+    assert answer["window"] == 52 and answer["per_window"] == 50
+    assert (answer["capacity"], answer["kept"], answer["dropped"], answer["windows"]) == (50, 25, 0, 1)
+    assert answer["cut_before"] == answer["cut_after"] == ""
+    assert answer["tokenizer"] == "shipped" and answer["model"] is None and answer["model_error"] is None
+    assert answer["recipe"] == "ModelScope Chinese SD pipeline: 52 tokens, attention mask"
+    assert count(server, "")["tokens"] == 0
+
+
+def test_the_help_page_example_count(server):
+    """The encode node's help page says its example prompt uses 16 of 50 tokens."""
+    with open(os.path.join(pack.__path__[0], "web", "docs", "ChineseSD_CLIPTextEncode.md"), encoding="utf-8") as f:
+        page = f.read()
+    assert "`中国山水画，远山，薄雾，水墨风格` (16 tokens: `16 / 50`)" in page
+    answer = count(server, "中国山水画，远山，薄雾，水墨风格")
+    assert (answer["tokens"], answer["capacity"]) == (16, 50)
+
+
+def test_a_long_prompt_reports_the_dropped_tokens_and_the_cut(server, model_folders):
+    reference = shipped_tokens(model_folders, POEMS)
+    assert len(reference) == 60
+    answer = count(server, POEMS)
+    assert (answer["tokens"], answer["kept"], answer["dropped"], answer["capacity"]) == (60, 50, 10, 50)
+    assert answer["cut_before"] == "".join(reference[42:50]) == "依山尽黄河入海流"
+    assert answer["cut_after"] == "".join(reference[50:58]) == "欲穷千里目更上一"
+    chunk = count(server, POEMS, "chunk")
+    assert (chunk["tokens"], chunk["kept"], chunk["dropped"], chunk["windows"], chunk["capacity"]) == (60, 60, 0, 2, 100)
+    assert chunk["cut_before"] == chunk["cut_after"] == ""
+
+
+def test_weighting_syntax_counts_as_comfyui_groups_it(server):
+    # weights add no tokens
+    plain, weighted = count(server, "中国山水画"), count(server, "(中国:1.2)((山水)) [画]")
+    assert plain["tokens"] == 5 and weighted["tokens"] == 7  # [ and ] are tokens, parentheses are syntax
+    # a short weighted group that no longer fits moves whole to the next window: truncate drops all of it
+    text = POEMS[:48] + "(山水画:1.2)"
+    answer = count(server, text)
+    assert (answer["tokens"], answer["kept"], answer["dropped"]) == (51, 48, 3)
+    assert answer["cut_before"] == POEMS[40:48] and answer["cut_after"] == "山水画"
+    tokenizer = token_count.tokenizer_set()
+    windows = tokenizer.tokenize_with_weights(text, tokenizer_options={chinese_clip.LONG_PROMPT_OPTION: "truncate"})
+    special = {101, 102, 0}
+    assert sum(1 for t, _ in windows["chinese_clip"][0] if t not in special) == answer["kept"]
+
+
+def test_an_embedding_counts_one_token_per_vector(server, embeddings):
+    answer = count(server, "中国 embedding:good 山水")
+    assert answer["tokens"] == 2 + EMBEDDING_VECTORS + 2
+    tokenizer = token_count.tokenizer_set(embedding_directory=str(embeddings))
+    windows = tokenizer.tokenize_with_weights("中国 embedding:good 山水")["chinese_clip"]
+    assert sum(1 for t, _ in windows[0] if not (isinstance(t, int) and t in (101, 102, 0))) == answer["tokens"]
+    # an embedding that does not exist is ignored, as the encode node does, and said on the node
+    missing = count(server, "中国 embedding:nowhere 山水")
+    assert missing["tokens"] == 4 and any("nowhere" in w for w in missing["warnings"])
+    # at the window's end the cut shows where the embedding's vectors were dropped
+    cut = count(server, POEMS[:49] + " embedding:good")
+    assert (cut["tokens"], cut["kept"], cut["dropped"]) == (52, 49, 3)
+    assert cut["cut_after"] == "[embedding] [embedding] [embedding]"
+
+
+def test_the_chosen_models_tokenizer_is_used(server):
+    for model in ({"node": "ChineseSD_CLIPLoader", "value": "own_vocab/text_encoder"},
+                  {"node": "ChineseSD_ModelScopeLoader", "value": "own_vocab"}):
+        answer = count(server, "中国山水画", model=model)
+        assert answer["tokens"] == 1 and answer["tokenizer"] == "model" and answer["model_error"] is None, answer
+        assert answer["model"] == model
+    # the shipped vocabulary splits it into characters
+    assert count(server, "中国山水画")["tokens"] == 5
+    # a stock diffusers pipeline (SD1.x family) pads to its tokenizer's 77 tokens
+    sd1 = count(server, POEMS, model={"node": "ChineseSD_ModelScopeLoader", "value": "sd1_bert"})
+    assert (sd1["window"], sd1["capacity"], sd1["dropped"], sd1["tokenizer"]) == (77, 75, 0, "model")
+    assert sd1["recipe"].startswith("diffusers StableDiffusionPipeline: 77 tokens")
+    # the converter's all-in-one checkpoint carries its vocabulary in its metadata
+    ckpt = count(server, POEMS, model={"node": "ChineseSD_CheckpointLoader", "value": "csd_v_bin.safetensors"})
+    assert (ckpt["tokenizer"], ckpt["tokens"], ckpt["dropped"], ckpt["model_error"]) == ("model", 60, 10, None)
+
+
+def test_a_model_that_cannot_be_read_falls_back_to_the_shipped_vocabulary(server):
+    for model in ({"node": "ChineseSD_ModelScopeLoader", "value": "no_such_folder"},
+                  {"node": "ChineseSD_CLIPLoader", "value": "../../etc/passwd"},
+                  {"node": "ChineseSD_CheckpointLoader", "value": "nothing.safetensors"},
+                  {"node": "CheckpointLoaderSimple", "value": "sd15.safetensors"},
+                  {"node": "ChineseSD_CLIPLoader", "value": "a\u0000b"}):
+        answer = count(server, "中国山水画", model=model)
+        assert answer["tokens"] == 5 and answer["tokenizer"] == "shipped", answer
+        assert isinstance(answer["model_error"], str) and answer["model_error"]
+
+
+HOSTILE = [
+    ("\ud800a\udfff" * 1000, None),
+    ("(x:nan)", "nan"),
+    ("(中国:1e309)", "inf"),
+    ("(" * 40 + "深" + ")" * 40, "nests parentheses"),
+    ("猫 embedding:", "embedding:"),
+    ("\x00\x01\x02\u200b\ufeff", None),
+    ("((((", None),
+    ("\\(\\)\\\\", None),
+]
+
+
+@pytest.mark.parametrize("text,refused", HOSTILE, ids=[f"hostile{i}" for i in range(len(HOSTILE))])
+def test_hostile_prompts_get_a_json_answer(server, text, refused):
+    answer = count(server, text)
+    if refused:
+        assert refused in answer["error"] and "\n" not in answer["error"]
+        assert "tokens" not in answer and answer["recipe"]
+    else:
+        assert "error" not in answer and answer["tokens"] >= 0
+
+
+@pytest.mark.parametrize("long_prompt", ["truncate", "chunk"])
+def test_100000_characters_are_counted_within_a_bound(server, long_prompt):
+    start = time.monotonic()
+    answer = count(server, "中" * 100_000, long_prompt)
+    assert time.monotonic() - start < 20
+    assert answer["limited"] is True and answer["chars"] == 100_000
+    assert answer["chars_counted"] == pack.nodes.token_route.MAX_CHARS
+    assert answer["tokens"] == answer["chars_counted"]
+    assert answer["dropped"] == (answer["tokens"] - 50 if long_prompt == "truncate" else 0)
+
+
+def test_malformed_requests_are_refused_with_json(server):
+    def post(data, content_type="application/json"):
+        req = urllib.request.Request(server.url + ROUTE, data=data, headers={"Content-Type": content_type})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read().decode("utf-8"))
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read().decode("utf-8"))
+
+    for body in (b"not json", b"\xff\xfe\x00", b"[" * 100_000 + b"]" * 100_000, b"[1, 2]", b'"text"',
+                 b'{"text": 5}', b'{"text": "a", "long_prompt": "both"}', b'{"text": "a", "model": "x"}',
+                 b'{"text": "a", "model": {"node": 1, "value": "x"}}'):
+        status, answer = post(body)
+        assert status == 400 and answer["error"], (body[:40], status, answer)
+    status, answer = post(b"x" * (pack.nodes.token_route.MAX_BODY + 1))
+    assert status == 413 and answer["error"]
+    assert server.proc.poll() is None
+    assert count(server, "中国山水画")["tokens"] == 5  # still serving
+
+
+def test_concurrent_requests_are_all_answered(server):
+    answers = [None] * 12
+
+    def ask(i):
+        answers[i] = count(server, POEMS[: 5 * i], "chunk" if i % 2 else "truncate")
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(answers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [a["tokens"] for a in answers] == [5 * i for i in range(len(answers))]
+
+
+def encode_graph(clip_nodes, clip_ref, texts, long_prompt="truncate"):
+    graph = dict(clip_nodes)
+    for i, text in enumerate(texts):
+        graph[f"enc{i}"] = {"class_type": "ChineseSD_CLIPTextEncode",
+                            "inputs": {"clip": clip_ref, "text": text, "long_prompt": long_prompt}}
+        graph[f"show{i}"] = {"class_type": "PreviewAny", "inputs": {"source": [f"enc{i}", 0]}}
+    return graph
+
+
+FOLDER_LOADER = {"load": {"class_type": "ChineseSD_ModelScopeLoader", "inputs": {
+    "model_folder": "csd_eps_safetensors", "prediction": "auto", "unet_dtype": "default",
+    "text_encoder_dtype": "fp32"}}}
+RECIPE = "recipe: ModelScope Chinese SD pipeline: 52 tokens, attention mask"
+
+
+@pytest.mark.parametrize("long_prompt", ["truncate", "chunk"])
+def test_after_a_run_the_node_shows_the_exact_count(server, long_prompt):
+    texts = [POEMS, "中国山水画，远山，薄雾，水墨风格", "中国 embedding:good 山水"]
+    entry, shown = run_prompt_with_messages(server, encode_graph(FOLDER_LOADER, ["load", 1], texts, long_prompt))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    expected = {
+        "truncate": ['tokens: 60 / 50, 10 dropped: kept up to "…依山尽黄河入海流", dropped from "欲穷千里目更上一…"',
+                     "tokens: 16 / 50", "tokens: 7 / 50"],
+        "chunk": ["tokens: 60 / 100, 2 windows", "tokens: 16 / 50", "tokens: 7 / 50"],
+    }[long_prompt]
+    model = {"node": "ChineseSD_ModelScopeLoader", "value": "csd_eps_safetensors"}
+    for i, (text, line) in enumerate(zip(texts, expected)):
+        assert shown[f"enc{i}"] == [f"{RECIPE}\n{line}"]
+        # what the counter estimated while typing is what the run shows
+        assert token_count.summary(count(server, text, long_prompt, model=model)) == line
+
+
+def test_after_a_run_the_count_uses_the_models_own_tokenizer(server):
+    loader = {"clip": {"class_type": "ChineseSD_CLIPLoader", "inputs": {
+        "clip_name": "own_vocab/text_encoder", "dtype": "fp32", "device": "cpu"}}}
+    entry, shown = run_prompt_with_messages(server, encode_graph(loader, ["clip", 0], ["中国山水画，猫"]))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert shown["enc0"] == [f"{RECIPE}\ntokens: 3 / 50"]
+    model = {"node": "ChineseSD_CLIPLoader", "value": "own_vocab/text_encoder"}
+    assert count(server, "中国山水画，猫", model=model)["tokens"] == 3
