@@ -1,0 +1,251 @@
+"""The shipped workflows: workflows/*.json (UI format, offered in ComfyUI's template browser) and their API
+twins in workflows/api/ (what the run command and scripts post to /prompt), through a real server."""
+
+import io
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from comfy_server import WIDGET_TYPES, ComfyServer, ui_to_api
+from conftest import COMFYUI_PATH, PACK_DIR
+
+WORKFLOWS_DIR = os.path.join(PACK_DIR, "workflows")
+API_DIR = os.path.join(WORKFLOWS_DIR, "api")
+MODULE = "comfyui-chinese-sd"  # the pack's folder name in custom_nodes/ (tests/run.sh links it so)
+NOTE_TYPES = ("MarkdownNote", "Note")  # the frontend's own nodes: never sent to the server
+PLACEHOLDER = "multi-modal_chinese_stable_diffusion_v1.0"
+WIDTH, HEIGHT = 64, 48
+INPUT_SIZE = (72, 56)  # img2img's picture: the output takes its size
+TEST_FOLDER, TEST_CKPT, TEST_LORA = "csd_eps_safetensors", "csd_v_bin.safetensors", "tiny_lora.safetensors"
+
+# What each shipped workflow is: its sampling passes (steps, cfg, sampler, scheduler, denoise, what feeds the
+# latent), the loader's settings and the size it generates at.
+TXT2IMG = [(50, 7.5, "euler", "simple", 1.0, "EmptyLatentImage")]
+SHIPPED = {
+    "chinese_sd_txt2img": dict(loader="ChineseSD_ModelScopeLoader", passes=TXT2IMG, size=(512, 512)),
+    "chinese_sd_checkpoint_txt2img": dict(loader="ChineseSD_CheckpointLoader", passes=TXT2IMG, size=(512, 512)),
+    "chinese_sd_txt2img_fast": dict(loader="ChineseSD_ModelScopeLoader", size=(512, 512),
+                                    passes=[(25, 7.5, "dpmpp_2m", "karras", 1.0, "EmptyLatentImage")]),
+    "chinese_sd_img2img": dict(loader="ChineseSD_ModelScopeLoader", size=None,
+                               passes=[(50, 7.5, "euler", "simple", 0.6, "VAEEncode")]),
+    "chinese_sd_hires_fix": dict(loader="ChineseSD_ModelScopeLoader", size=(512, 512),
+                                 passes=[TXT2IMG[0], (30, 7.5, "euler", "simple", 0.5, "LatentUpscaleBy")]),
+    "chinese_sd_lora": dict(loader="ChineseSD_ModelScopeLoader", passes=TXT2IMG, size=(512, 512)),
+    "chinese_sd_low_vram": dict(loader="ChineseSD_ModelScopeLoader", passes=TXT2IMG, size=(512, 512),
+                                dtypes=("fp16", "fp16", "cpu")),
+}
+
+
+def read(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def ui(name):
+    return read(os.path.join(WORKFLOWS_DIR, name + ".json"))
+
+
+def api(name):
+    return read(os.path.join(API_DIR, name + ".json"))
+
+
+def tiny_lora(path):
+    """A kohya-style UNet LoRA (diffusers naming) and one in ComfyUI's generic naming for the text encoder,
+    as tests/test_comfyui_machinery.py builds them, for the tiny csd models."""
+    gen = torch.Generator().manual_seed(0)
+    sd = {}
+    for prefix, out_f, in_f in (("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 64, 1024),
+                                ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 64, 64),
+                                ("text_encoders.chinese_clip.transformer.bert.encoder.layer.0.attention.self.query",
+                                 1024, 1024)):
+        sd[f"{prefix}.lora_down.weight"] = torch.randn(4, in_f, generator=gen) * 0.5
+        sd[f"{prefix}.lora_up.weight"] = torch.randn(out_f, 4, generator=gen) * 0.5
+        sd[f"{prefix}.alpha"] = torch.tensor(4.0)
+    save_file(sd, path)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, fixture_root, converted):
+    work = tmp_path_factory.mktemp("workflows")
+    loras = work / "loras"
+    loras.mkdir()
+    tiny_lora(str(loras / TEST_LORA))
+    checkpoint = converted("csd_v_bin", "fp16")["checkpoint"]
+    srv = ComfyServer(COMFYUI_PATH, str(work), {"diffusers": fixture_root, "checkpoints": os.path.dirname(checkpoint),
+                                                "loras": str(loras)})
+    # img2img's picture, under the name the shipped workflow uses (ComfyUI ships an example.png of its own)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (INPUT_SIZE[1], INPUT_SIZE[0], 3), dtype=np.uint8)).save(
+        work / "input" / "example.png")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.get_json("/object_info")
+
+
+def runnable(workflow, seed=None):
+    """An API workflow with the tiny test models standing in for the user's, small and few steps."""
+    workflow = json.loads(json.dumps(workflow))
+    for node in workflow.values():
+        inputs = node["inputs"]
+        kind = node["class_type"]
+        if kind == "ChineseSD_ModelScopeLoader":
+            assert inputs["model_folder"] == PLACEHOLDER
+            inputs["model_folder"] = TEST_FOLDER
+        elif kind == "ChineseSD_CheckpointLoader":
+            assert inputs["ckpt_name"] == PLACEHOLDER + ".safetensors"
+            inputs["ckpt_name"] = TEST_CKPT
+        elif kind == "EmptyLatentImage":
+            inputs.update(width=WIDTH, height=HEIGHT)
+        elif kind == "KSampler":
+            inputs["steps"] = 2
+            if seed is not None:
+                inputs["seed"] = seed
+        elif kind == "LoraLoader":
+            inputs["lora_name"] = TEST_LORA
+    return workflow
+
+
+def png_of(server, entry):
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (png,) = server.output_images(entry)
+    img = Image.open(io.BytesIO(png))
+    assert img.format == "PNG"
+    return img
+
+
+def by_type(workflow, class_type):
+    return {k: v for k, v in workflow.items() if v["class_type"] == class_type}
+
+
+def test_template_browser_lists_the_ui_workflows_not_their_api_twins(server):
+    listed = server.get_json("/workflow_templates")[MODULE]
+    assert sorted(listed) == sorted(SHIPPED)
+    assert sorted(f[:-5] for f in os.listdir(WORKFLOWS_DIR) if f.endswith(".json")) == sorted(SHIPPED)
+    assert sorted(f[:-5] for f in os.listdir(API_DIR)) == sorted(SHIPPED)
+    for name in SHIPPED:  # both served where the frontend (and scripts) fetch them
+        assert json.loads(server.get(f"/api/workflow_templates/{MODULE}/{name}.json")) == ui(name)
+        assert json.loads(server.get(f"/api/workflow_templates/{MODULE}/api/{name}.json")) == api(name)
+
+
+@pytest.mark.parametrize("name", list(SHIPPED))
+def test_ui_workflow_is_a_consistent_graph_as_the_frontend_saves_it(object_info, name):
+    wf = ui(name)
+    assert wf["version"] == 0.4 and wf["extra"]["frontendVersion"]
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    assert wf["last_node_id"] == max(nodes) and wf["last_link_id"] == max(link[0] for link in wf["links"])
+    assert sorted(n["order"] for n in wf["nodes"]) == list(range(len(nodes)))
+    for link_id, src, src_slot, dst, dst_slot, kind in wf["links"]:
+        output = nodes[src]["outputs"][src_slot]
+        assert link_id in output["links"] and output["type"] == kind
+        assert nodes[dst]["inputs"][dst_slot]["link"] == link_id and nodes[dst]["inputs"][dst_slot]["type"] == kind
+        assert object_info[nodes[src]["type"]]["output"][src_slot] == kind
+        assert nodes[src]["order"] < nodes[dst]["order"]
+    for node in wf["nodes"]:
+        if node["type"] in NOTE_TYPES:
+            continue
+        assert node["title"].strip(), node  # every node says what it is for, in Chinese and English
+        assert re.search(r"[\u4e00-\u9fff]", node["title"]) or node["type"] == "LoraLoader", node["title"]
+        schema = object_info[node["type"]]["input"]
+        specs = [*schema["required"].values(), *schema.get("optional", {}).values()]
+        widgets = sum(1 + bool(isinstance(s[1] if len(s) > 1 else None, dict) and s[1].get("control_after_generate"))
+                      for s in specs if isinstance(s[0], list) or s[0] in WIDGET_TYPES)
+        extra = 1 if node["type"] == "LoadImage" else 0  # its upload button is a widget too
+        assert len(node["widgets_values"]) == widgets + extra, node
+    (note,) = [n for n in wf["nodes"] if n["type"] == "MarkdownNote"]
+    text = note["widgets_values"][0]
+    # explained in both languages
+    assert len(re.findall(r"[\u4e00-\u9fff]", text)) > 60 and len(re.findall(r"\b[a-z]+\b", text)) > 30
+
+
+@pytest.mark.parametrize("name", list(SHIPPED))
+def test_ui_workflow_converts_to_its_api_twin(object_info, name):
+    wf = ui(name)
+    graph = {**wf, "nodes": [n for n in wf["nodes"] if n["type"] not in NOTE_TYPES]}
+    converted = ui_to_api(graph, object_info)
+    twin = api(name)
+    assert {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in twin.items()} == converted
+    titles = {str(n["id"]): n.get("title") for n in wf["nodes"]}
+    assert all(v["_meta"]["title"] == titles[k] for k, v in twin.items())
+
+
+@pytest.mark.parametrize("name", list(SHIPPED))
+def test_shipped_settings(name):
+    want = SHIPPED[name]
+    twin = api(name)
+    (loader,) = by_type(twin, want["loader"]).values()
+    assert loader["inputs"]["prediction"] == "auto"
+    dtypes = want.get("dtypes", ("default", "default", "default"))
+    assert (loader["inputs"]["unet_dtype"], loader["inputs"]["text_encoder_dtype"],
+            loader["inputs"]["text_encoder_device"]) == dtypes
+    encoders = by_type(twin, "ChineseSD_CLIPTextEncode")
+
+    def samplers_before(node_id):
+        links = [v[0] for v in twin[node_id]["inputs"].values() if isinstance(v, list)]
+        return max([samplers_before(n) + (twin[n]["class_type"] == "KSampler") for n in links], default=0)
+
+    sampler_ids = sorted(by_type(twin, "KSampler"), key=samplers_before)  # first pass first
+    first = twin[sampler_ids[0]]["inputs"]
+    assert {twin[first["positive"][0]]["inputs"]["text"], twin[first["negative"][0]]["inputs"]["text"]} == \
+        {e["inputs"]["text"] for e in encoders.values()}
+    assert twin[first["negative"][0]]["inputs"]["text"] == "模糊的"  # the model card's negative prompt
+    assert re.fullmatch(r"[\u4e00-\u9fff，]+", twin[first["positive"][0]]["inputs"]["text"])
+    passes = []
+    for sid in sampler_ids:
+        s = twin[sid]["inputs"]
+        passes.append((s["steps"], s["cfg"], s["sampler_name"], s["scheduler"], s["denoise"],
+                       twin[s["latent_image"][0]]["class_type"]))
+        assert s["positive"] == first["positive"] and s["negative"] == first["negative"]
+    assert passes == want["passes"]
+    for latent in by_type(twin, "EmptyLatentImage").values():
+        size = (latent["inputs"]["width"], latent["inputs"]["height"], latent["inputs"]["batch_size"])
+        assert size == (*want["size"], 1)
+    for upscale in by_type(twin, "LatentUpscaleBy").values():  # hires fix: x1.5 of the first pass
+        assert upscale["inputs"]["scale_by"] == 1.5
+        assert twin[upscale["inputs"]["samples"][0]]["class_type"] == "KSampler"
+    for image in by_type(twin, "VAEEncode").values():
+        assert twin[image["inputs"]["pixels"][0]]["class_type"] == "LoadImage"
+    loras = by_type(twin, "LoraLoader")
+    if name == "chinese_sd_lora":  # between the pack's loader and the sampler / both encoders
+        ((lora_id, lora),) = loras.items()
+        loader_id = next(iter(by_type(twin, want["loader"])))
+        assert lora["inputs"]["model"] == [loader_id, 0] and lora["inputs"]["clip"] == [loader_id, 1]
+        assert first["model"] == [lora_id, 0]
+        assert all(e["inputs"]["clip"] == [lora_id, 1] for e in encoders.values())
+        assert (lora["inputs"]["strength_model"], lora["inputs"]["strength_clip"]) == (1, 1)
+    else:
+        assert not loras
+
+
+@pytest.mark.parametrize("name", list(SHIPPED))
+def test_api_workflow_runs(server, name):
+    workflow = runnable(api(name))
+    img = png_of(server, server.run_prompt(workflow))
+    expected = {"chinese_sd_img2img": INPUT_SIZE, "chinese_sd_hires_fix": (WIDTH * 3 // 2, HEIGHT * 3 // 2)}
+    assert img.size == expected.get(name, (WIDTH, HEIGHT))
+    assert any(lo < hi for lo, hi in img.getextrema())
+
+
+def test_lora_workflow_is_txt2img_with_the_lora_applied(server):
+    plain = np.asarray(png_of(server, server.run_prompt(runnable(api("chinese_sd_txt2img"), seed=3))))
+    lora = runnable(api("chinese_sd_lora"), seed=3)
+    (lora_node,) = by_type(lora, "LoraLoader").values()
+    lora_node["inputs"].update(strength_model=0.0, strength_clip=0.0)
+    off = np.asarray(png_of(server, server.run_prompt(lora)))
+    assert np.array_equal(off, plain)  # the same graph around the LoRA
+    lora_node["inputs"].update(strength_model=1.0, strength_clip=1.0)
+    on = np.asarray(png_of(server, server.run_prompt(lora)))
+    assert np.abs(on.astype(int) - plain.astype(int)).max() > 0
+    assert "lora key not loaded" not in server.log_text()  # every key found its weight in the pack's models
