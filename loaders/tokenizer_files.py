@@ -14,7 +14,7 @@ import json
 import os
 
 from .errors import ModelLoadError
-from .values import Values, as_integer, parse_json, read_json, show
+from .values import Values, as_integer, parse_json, read_json, read_text, show
 
 SHIPPED_FOLDER = os.path.join(os.path.dirname(os.path.realpath(__file__)), "chinese_clip_tokenizer")
 VOCAB, TOKENIZER_JSON, CONFIG = "vocab.txt", "tokenizer.json", "tokenizer_config.json"
@@ -142,15 +142,7 @@ def _lines(text):
 
 
 def read_vocab_file(path):
-    try:
-        size = os.path.getsize(path)
-        if size > MAX_VOCAB_BYTES:
-            raise ModelLoadError(path, f"a {size / 2**20:.0f} MB file", f"a vocab.txt of at most {MAX_VOCAB_BYTES >> 20} MB")
-        with open(path, "r", encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ModelLoadError(path, f"an unreadable file ({e})", "a UTF-8 BERT vocab.txt") from None
-    return _lines(text)
+    return _lines(read_text(path, MAX_VOCAB_BYTES, "a BERT vocab.txt"))
 
 
 def read_tokenizer_json(path):

@@ -45,20 +45,25 @@ def parse_json(text, path, what):
         raise ModelLoadError(path, f"{what} that is not valid JSON ({str(e)[:120]})", "valid JSON") from None
 
 
-def read_json(path):
-    """A JSON object from a UTF-8 file, with one clear error for anything else."""
+def read_text(path, max_bytes, what):
+    """The text of a UTF-8 file of at most max_bytes, with one clear error for anything else."""
     try:
         size = os.path.getsize(path)
-        if size > MAX_JSON_BYTES:
-            raise ModelLoadError(path, f"a {size / 2**20:.0f} MB file", f"a JSON file of at most {MAX_JSON_BYTES >> 20} MB")
+        if size > max_bytes:
+            raise ModelLoadError(path, f"a {size / 2**20:.0f} MB file", f"{what} of at most {max_bytes >> 20} MB")
         with open(path, "r", encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except FileNotFoundError:
-        raise ModelLoadError(path, "no such file", "a JSON configuration file") from None
+        raise ModelLoadError(path, "no such file", what) from None
     except UnicodeDecodeError as e:
-        raise ModelLoadError(path, f"text that is not UTF-8 ({e.reason} at byte {e.start})", "a UTF-8 JSON file") from None
+        raise ModelLoadError(path, f"text that is not UTF-8 ({e.reason} at byte {e.start})", f"{what} in UTF-8") from None
     except OSError as e:
-        raise ModelLoadError(path, f"an unreadable file ({e.strerror or e})", "a readable JSON file") from None
+        raise ModelLoadError(path, f"an unreadable file ({e.strerror or e})", what) from None
+
+
+def read_json(path):
+    """A JSON object from a UTF-8 file, with one clear error for anything else."""
+    text = read_text(path, MAX_JSON_BYTES, "a JSON configuration file")
     return Values(parse_json(text, path, "text"), path).data
 
 

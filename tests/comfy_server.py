@@ -65,6 +65,18 @@ class ComfyServer:
                 time.sleep(0.5)
         raise TimeoutError(f"ComfyUI did not start in {timeout}s:\n{self.log_text()[-5000:]}")
 
+    def __enter__(self):
+        """`with ComfyServer(...) as server:` waits until it serves, and stops it at the end whatever happens."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
     def stop(self):
         self.proc.terminate()
         try:

@@ -64,11 +64,8 @@ def ui_server(tmp_path_factory, model_folders, converted):
     rng = np.random.default_rng(0)
     for image in images:
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(work / "input" / image)
-    try:
-        srv.wait_ready()
+    with srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -132,11 +132,8 @@ def test_unreadable_folders_are_skipped(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def server(tree, tmp_path_factory):
     srv = ComfyServer(COMFYUI_PATH, str(tmp_path_factory.mktemp("listing_server")), {"diffusers": str(tree)})
-    try:
-        srv.wait_ready()
+    with srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_server_lists_the_folders(server):

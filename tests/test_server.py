@@ -29,11 +29,8 @@ def server(tmp_path_factory, fixture_root, converted):
         "diffusers": fixture_root,
         **{kind: str(models / kind) for kind in ("checkpoints", "diffusion_models", "text_encoders", "vae")},
     }, env={"PYTHONIOENCODING": "gbk"})  # a Chinese Windows console's encoding must not crash anything
-    try:
-        srv.wait_ready()
+    with srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def txt2img(loader_nodes, clip_ref, model_ref, vae_ref, encode_type="ChineseSD_CLIPTextEncode", seed=7):

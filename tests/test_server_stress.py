@@ -19,11 +19,8 @@ SIZE = 32  # image side: a 4x4 latent keeps every step (and the full-size VAE de
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, fixture_root):
     srv = ComfyServer(COMFYUI_PATH, str(tmp_path_factory.mktemp("comfy_stress")), {"diffusers": fixture_root})
-    try:
-        srv.wait_ready()
+    with srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture

@@ -65,11 +65,8 @@ def server(tmp_path_factory, model_folders, converted, embeddings):
     os.link(converted("csd_v_bin", "fp16")["checkpoint"], checkpoints / "csd_v_bin.safetensors")
     srv = ComfyServer(COMFYUI_PATH, str(work), {"diffusers": str(diffusers), "checkpoints": str(checkpoints),
                                                  "embeddings": str(embeddings)})
-    try:
-        srv.wait_ready()
+    with srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.mark.parametrize("source", ["csd_eps_safetensors", "csd_v_bin", "sd1_bert", "csd_fuzz", "converted"])

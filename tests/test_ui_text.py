@@ -37,11 +37,8 @@ def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("comfy_ui")
     (work / "diffusers").mkdir()
     srv = ComfyServer(COMFYUI_PATH, str(work), {"diffusers": str(work / "diffusers")})
-    try:
-        srv.wait_ready()
+    with srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -67,11 +67,8 @@ def server(tmp_path_factory, fixture_root, converted):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (INPUT_SIZE[1], INPUT_SIZE[0], 3), dtype=np.uint8)).save(
         work / "input" / "example.png")
-    try:
-        srv.wait_ready()
+    with srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
