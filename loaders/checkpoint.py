@@ -6,7 +6,7 @@ from . import chinese_clip, metadata, text_tower, unet, unet_layout
 from .metadata import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from .errors import ModelLoadError
 from .vae import build_vae
-from .weights import describe_keys, only_tensors, read_metadata, read_state_dict
+from .weights import describe_keys, only_tensors, read_keys, read_metadata, read_state_dict
 
 
 def load_checkpoint(path, prediction="auto", unet_dtype=None, clip_dtype=None, clip_device=None,
@@ -21,23 +21,34 @@ def load_checkpoint(path, prediction="auto", unet_dtype=None, clip_dtype=None, c
     if kind != "checkpoint":
         raise ModelLoadError(path, f"a converted '{kind}' file", expected + " (split files go through the "
                              "UNet / text encoder / VAE loaders)")
-    sd = read_state_dict(path)
-    parts = {prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-             for prefix in (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX)}
-    empty = [p for p, part in parts.items() if not part]
+    keys = read_keys(path)
+    empty = [p for p in (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX) if not any(k.startswith(p) for k in keys)]
     if empty:
-        raise ModelLoadError(path, f"{describe_keys(sd)} with nothing under {', '.join(empty)}", expected)
-
+        raise ModelLoadError(path, f"{describe_keys(dict.fromkeys(keys))} with nothing under {', '.join(empty)}",
+                             expected)
     unet_meta, text_meta = metadata.read_unet(meta, path), metadata.read_text_encoder(meta, path)
     if unet_meta is None or text_meta is None:
         raise ModelLoadError(path, "chinese_sd metadata without the UNet or text encoder settings", expected)
-    unet_sd, unet_config = unet_layout.ldm_unet(only_tensors(parts[UNET_PREFIX], path), path)
+
+    # One part at a time, the largest first: each part's tensors are read (views of the mapped file), handed
+    # to its ComfyUI object, which copies them into its own weights, and let go before the next part is read,
+    # so the file's pages of one part at most are held besides the objects built.
+    unet_sd, unet_config = unet_layout.ldm_unet(only_tensors(_read_part(path, UNET_PREFIX), path), path)
     unet_layout.check_heads(unet_meta["heads"], unet_config, path, metadata.P + "unet_heads")
     unet_file = unet_layout.UNetFile(unet_sd, unet_config, unet_meta["heads"], path, unet_meta, None)
+    del unet_sd
     prediction, settings = unet_layout.resolve_sampling(unet_file, None, prediction)
     model = unet.build_model(unet_file, prediction, settings, dtype=unet_dtype, latent_scale=unet_meta["latent_scale"])
+    del unet_file
 
-    tower = text_tower.tower_from(parts[TEXT_PREFIX], text_meta, path)
+    tower = text_tower.tower_from(_read_part(path, TEXT_PREFIX), text_meta, path)
     clip = chinese_clip.build_clip(tower, dtype=clip_dtype, device=clip_device, embedding_directory=embedding_directory)
-    vae = build_vae(parts[VAE_PREFIX], path)
+    del tower
+
+    vae = build_vae(_read_part(path, VAE_PREFIX), path)
     return model, clip, vae
+
+
+def _read_part(path, prefix):
+    """The tensors under prefix, without it; only those are read from the file."""
+    return {k[len(prefix):]: v for k, v in read_state_dict(path, keep=lambda k: k.startswith(prefix)).items()}

@@ -96,7 +96,26 @@ def output_paths(models_dir, name, parts):
 
 
 def _cast(sd, dtype):
-    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().clone() for k, v in sd.items()}
+    """sd's tensors in dtype, as safetensors writes them (contiguous, none overlapping another in memory).
+
+    Nothing is copied that need not be: a tensor already in dtype stays the source's own (for a .bin or
+    .safetensors source a view of the mapped file), a cast tensor is new and contiguous. Only a tensor
+    sharing memory with another one (a pickle may hold views of one storage) is copied.
+    """
+    out = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    return _without_overlaps(out)
+
+
+def _without_overlaps(sd):
+    """sd with every tensor that overlaps an earlier one in memory replaced by a copy of it."""
+    spans = sorted((v.data_ptr(), v.data_ptr() + v.numel() * v.element_size(), k) for k, v in sd.items() if v.numel())
+    end = 0
+    for start, stop, key in spans:
+        if start < end:
+            sd[key] = sd[key].clone()
+        else:
+            end = stop
+    return sd
 
 
 # ComfyUI's model code is imported inside the functions: main() first sets ComfyUI's CPU mode where
@@ -114,11 +133,11 @@ def _read_unet(folder):
 
 
 def _read_vae(folder):
-    from .vae import build_vae, comfy_layout, read_vae_folder, vae_settings
+    from .vae import check_vae, comfy_layout, read_vae_folder, vae_settings
     sd, weights, config = read_vae_folder(os.path.join(folder, "vae"))
     scale, factor = vae_settings(config)
     sd = comfy_layout(sd)
-    build_vae(sd, weights)  # the same completeness check the loaders make
+    check_vae(sd, weights)  # the loaders' completeness check, on ComfyUI's VAE built without weights
     return sd, scale, factor
 
 
@@ -140,22 +159,27 @@ def convert_folder(source, models_dir, name=None, dtype="fp16", parts=PARTS, ove
     if existing and not overwrite:
         raise FileExistsError(f"Refusing to overwrite {', '.join(existing)} (pass --overwrite to replace them).")
 
+    # One part at a time: read, check, cast; the source's tensors of a part are let go once it is cast
+    # (the largest, the UNet, first), and every check passes before anything is written. The split files
+    # and the checkpoint are written from the same cast tensors.
+    torch_dtype = DTYPES[dtype]
     bar = tqdm(total=3 + len(targets), desc=f"Converting {name}", unit="step", disable=not progress)
-    bar.set_postfix_str("text encoder")
-    tower = text_tower.read_text_encoder(os.path.join(source, "text_encoder"))
-    bar.update()
     bar.set_postfix_str("unet")
     unet_sd, family, heads, prediction, schedule, sample_size = _read_unet(source)
+    unet_sd = _cast(unet_sd, torch_dtype)
+    bar.update()
+    bar.set_postfix_str("text encoder")
+    tower = text_tower.read_text_encoder(os.path.join(source, "text_encoder"))
+    text_sd = _cast(tower.sd, torch_dtype)
+    text_meta = metadata.text_entries(tower.config, tower.recipe, tower.tokenizer.files())
+    del tower
     bar.update()
     bar.set_postfix_str("vae")
     vae_sd, latent_scale, vae_factor = _read_vae(source)
+    vae_sd = _cast(vae_sd, torch_dtype)
     bar.update()
 
-    torch_dtype = DTYPES[dtype]
-    unet_sd, vae_sd = _cast(unet_sd, torch_dtype), _cast(vae_sd, torch_dtype)
-    text_sd = _cast(tower.sd, torch_dtype)
     unet_meta = metadata.unet_entries(family, prediction, schedule, heads, sample_size * vae_factor, latent_scale)
-    text_meta = metadata.text_entries(tower.config, tower.recipe, tower.tokenizer.files())
     files = {
         "checkpoint": ({**{metadata.UNET_PREFIX + k: v for k, v in unet_sd.items()},
                         **{metadata.VAE_PREFIX + k: v for k, v in vae_sd.items()},

@@ -2,6 +2,8 @@
 
 import os
 
+import torch
+
 import comfy.sd
 from comfy.diffusers_convert import convert_vae_state_dict
 
@@ -21,17 +23,37 @@ def comfy_layout(sd):
 
 
 def build_vae(sd, path):
+    """A comfy.sd.VAE holding these weights (diffusers or ComfyUI keys), checked complete."""
+    sd = _vae_layout(sd, path)
+    vae = _comfy_vae(sd, path)
+    check_keys(path, vae.first_stage_model.state_dict().keys(), sd.keys(), "a complete SD VAE")
+    return vae
+
+
+def check_vae(sd, path):
+    """build_vae's checks without building the VAE: ComfyUI's VAE for these keys is built on the meta device
+    (no memory, no weights) and must take every tensor with its shape. For the converter."""
+    sd = _vae_layout(sd, path)
+    shapes = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in sd.items()}
+    with torch.device("meta"):
+        vae = _comfy_vae(shapes, path)
+    check_keys(path, vae.first_stage_model.state_dict().keys(), sd.keys(), "a complete SD VAE")
+
+
+def _vae_layout(sd, path):
     only_tensors(sd, path)
     if not any(k in sd for k in _VAE_KEYS):
         raise ModelLoadError(path, describe_keys(sd), "an SD VAE (AutoencoderKL)")
-    sd = comfy_layout(sd)
+    return comfy_layout(sd)
+
+
+def _comfy_vae(sd, path):
     try:
         vae = comfy.sd.VAE(sd=sd)
         vae.throw_exception_if_invalid()
-    except RuntimeError as e:
+    except RuntimeError as e:  # e.g. load_state_dict's size mismatch
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelLoadError(path, f"weights ComfyUI's VAE cannot use ({first})", "an SD VAE (AutoencoderKL)") from None
-    check_keys(path, vae.first_stage_model.state_dict().keys(), sd.keys(), "a complete SD VAE")
     return vae
 
 

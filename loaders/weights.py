@@ -31,6 +31,18 @@ def read_metadata(path):
         raise _safetensors_error(path, e) from None
 
 
+def read_keys(path):
+    """The tensor names of one weights file, in file order; for .safetensors no tensor is read."""
+    path = os.fspath(path)
+    if os.path.isfile(path) and os.path.getsize(path) and path.lower().endswith(SAFETENSORS_EXTENSIONS):
+        try:
+            with safetensors.safe_open(path, framework="pt", device="cpu") as f:
+                return list(f.keys())
+        except Exception as e:
+            raise _safetensors_error(path, e) from None
+    return list(read_state_dict(path).keys())
+
+
 def read_state_dict(path, keep=None):
     """All tensors of one weights file as {name: tensor} on the CPU.
 

@@ -1,0 +1,97 @@
+"""What keeps the loaders and the converter lean (measured at full size by benchmarks/, see BENCHMARKS.md):
+the checkpoint loader holds one part's tensors at a time, the converter validates the VAE without building
+it and copies no tensor it need not."""
+
+import gc
+import os
+import weakref
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import comfy.sd
+from conftest import pack
+
+loaders = pack.loaders
+PREFIXES = (loaders.metadata.UNET_PREFIX, loaders.metadata.TEXT_PREFIX, loaders.metadata.VAE_PREFIX)
+
+
+def test_checkpoint_loader_holds_one_part_at_a_time(converted, monkeypatch):
+    """Each part is read on its own (UNet, text encoder, VAE), and the tensors of a part are let go (its
+    ComfyUI object holds copies) before the next part is read."""
+    paths = converted("csd_eps_safetensors", "fp16")
+    real = loaders.weights.read_state_dict
+    earlier, parts = [], []
+
+    def spy(path, keep=None):
+        assert keep is not None, "the checkpoint loader read the whole file at once"
+        gc.collect()
+        held = [k for k, ref in earlier if ref() is not None]
+        assert not held, f"{len(held)} tensors of an earlier part still held, e.g. {held[0]}"
+        sd = real(path, keep=keep)
+        parts.append({next(p for p in PREFIXES if k.startswith(p)) for k in sd})
+        earlier.extend((k, weakref.ref(v)) for k, v in sd.items())
+        return sd
+
+    monkeypatch.setattr(loaders.checkpoint, "read_state_dict", spy)
+    model, clip, vae = loaders.checkpoint.load_checkpoint(paths["checkpoint"], unet_dtype=torch.float32,
+                                                          clip_dtype=torch.float32)
+    assert parts == [{p} for p in PREFIXES]
+    assert model is not None and clip is not None and vae is not None
+
+
+class _RecordingVAE(comfy.sd.VAE):
+    built = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.built.append({p.device.type for p in self.first_stage_model.parameters()})
+
+
+def test_converter_checks_the_vae_without_building_it(model_folders, tmp_path, monkeypatch):
+    _RecordingVAE.built = []
+    monkeypatch.setattr(comfy.sd, "VAE", _RecordingVAE)
+    loaders.convert.convert_folder(model_folders["csd_eps_safetensors"], str(tmp_path), dtype="fp16",
+                                   parts=("split",))
+    assert _RecordingVAE.built == [{"meta"}]  # ComfyUI's VAE class, on the meta device only
+
+
+@pytest.mark.parametrize("change,phrase", [("drop", "1 missing tensors"), ("extra", "1 unknown tensors"),
+                                           ("shape", "weights ComfyUI's VAE cannot use")])
+def test_vae_check_refuses_what_build_vae_refuses(model_folders, tmp_path, monkeypatch, change, phrase):
+    path = os.path.join(model_folders["csd_eps_safetensors"], "vae", "diffusion_pytorch_model.safetensors")
+    sd = loaders.weights.read_state_dict(path)
+    key = "decoder.conv_out.weight"
+    if change == "drop":
+        del sd[key]
+    elif change == "extra":
+        sd["decoder.extra.weight"] = sd[key]
+    else:
+        sd[key] = sd[key][:2]
+    _RecordingVAE.built = []
+    monkeypatch.setattr(comfy.sd, "VAE", _RecordingVAE)
+    with pytest.raises(loaders.ModelLoadError, match=phrase):
+        loaders.vae.check_vae(dict(sd), str(tmp_path / "vae.safetensors"))
+    assert all(devices == {"meta"} for devices in _RecordingVAE.built)  # nothing built with real memory
+    with pytest.raises(loaders.ModelLoadError, match=phrase):  # the loaders refuse the same
+        loaders.vae.build_vae(dict(sd), str(tmp_path / "vae.safetensors"))
+
+
+def test_cast_copies_only_what_it_must(tmp_path):
+    cast = loaders.convert._cast
+    base = torch.arange(12, dtype=torch.float32)
+    sd = {"a": base[:6], "b": base[4:10], "t": torch.ones(3, 4).t(), "z": torch.zeros(5), "i": torch.arange(3),
+          "e": torch.zeros(0)}
+    out = cast(dict(sd), torch.float32)
+    for k in ("a", "z", "i", "e"):  # already in the dtype and contiguous: the very same tensor, no copy
+        assert out[k] is sd[k], k
+    assert out["b"].data_ptr() != sd["b"].data_ptr() and torch.equal(out["b"], sd["b"])  # overlaps 'a': copied
+    assert out["t"].is_contiguous() and torch.equal(out["t"], sd["t"])
+    save_file(out, tmp_path / "x.safetensors")  # safetensors refuses overlapping or non-contiguous tensors
+    assert all(torch.equal(v, sd[k]) for k, v in load_file(tmp_path / "x.safetensors").items())
+
+    half = cast(dict(sd), torch.float16)
+    assert {k for k, v in half.items() if v.dtype == torch.float16} == {"a", "b", "t", "z", "e"}
+    assert half["i"] is sd["i"]  # integers are kept as they are
+    save_file(half, tmp_path / "y.safetensors")
