@@ -1,0 +1,545 @@
+"""The pack against its references, at full size, written to BENCHMARKS.md.
+
+    COMFYUI_PATH=... python benchmarks/bench.py [--rounds 5] [--only B1,B4] [--out BENCHMARKS.md]
+
+(benchmarks/run.sh prepares the environment and runs this.) Every comparison runs interleaved in one
+run: round 0 warms up (page cache, lazy imports) and is discarded, then each round runs every contender
+once, in alternating order. Loads, the converter and the first image run in a fresh process per
+measurement; encode and sampling speed are measured in one process holding all contenders. Figures
+are medians with min and max over the rounds; ratios are medians of the per-round ratios.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PACK_DIR = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import measure  # noqa: E402
+
+PY = sys.executable
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
+GIB = 1024 ** 3
+CPU_SIZE, CPU_STEPS = 64, 4      # CPU sampling: 64x64 pixels (8x8 latents), 4 steps
+CUDA_SIZE, CUDA_STEPS = 512, 20  # CUDA sampling: 512x512 (64x64 latents)
+TARGETS = []  # (benchmark, what, value, limit, met)
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# running and summarising
+
+
+def env():
+    e = dict(os.environ, COMFYUI_PATH=COMFYUI_PATH, PYTHONIOENCODING="utf-8", TQDM_DISABLE="1")
+    e.pop("PYTHONPATH", None)
+    return e
+
+
+def worker(case, args, timeout=3600):
+    r = measure.run([PY, os.path.join(HERE, "worker.py"), case, json.dumps(args)], env=env(), cwd=PACK_DIR,
+                    timeout=timeout)
+    if r["returncode"] != 0 or r["result"] is None:
+        raise RuntimeError(f"worker {case} {args.get('contender', '')} failed ({r['returncode']}):\n{r['stderr'][-3000:]}")
+    return r
+
+
+def stats(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values),
+            "values": list(values)}
+
+
+def fmt(s, unit="s", digits=2):
+    return f"{s['median']:.{digits}f} {unit} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
+
+
+def ratio(a, b):
+    """a over b: the median of the per-round ratios (the contenders of a round run back to back, so a load on the
+    machine that drifts between rounds cancels out); the ratio of the medians where rounds don't pair up."""
+    if len(a["values"]) == len(b["values"]):
+        return statistics.median(x / y for x, y in zip(a["values"], b["values"]))
+    return a["median"] / b["median"]
+
+
+def target(bench, what, value, limit, lo=None):
+    """Record a target; met when the value, as shown (2 decimals), is within it."""
+    shown = round(value, 2)
+    met = shown <= limit and (lo is None or shown >= lo)
+    TARGETS.append((bench, what, value, f"{lo:.2f}–{limit:.2f}" if lo is not None else f"≤ {limit:.2f}", met))
+    return met
+
+
+def rounds_of(contenders, rounds, run_one, orders=None):
+    """{name: [result per measured round]}: round 0 warms up, then every round runs each contender once, in the
+    orders given, taken in turn (default: alternating forwards and backwards)."""
+    orders = orders or [contenders[::-1], contenders]
+    out = {name: [] for name in contenders}
+    for r in range(rounds + 1):
+        order = orders[r % len(orders)]
+        for name in order:
+            log(f"round {r}{' (warm-up)' if r == 0 else ''}: {name}")
+            result = run_one(name)
+            if r:
+                out[name].append(result)
+    return out
+
+
+def file_bytes(*paths):
+    total = 0
+    for p in paths:
+        if os.path.isdir(p):
+            total += sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(p) for f in fs)
+        else:
+            total += os.path.getsize(p)
+    return total
+
+
+def weights(folder, component):
+    sub = os.path.join(folder, component)
+    return os.path.join(sub, next(n for n in sorted(os.listdir(sub)) if n.endswith((".bin", ".safetensors"))))
+
+
+# ----------------------------------------------------------------------------------------------
+# B1 text encode
+
+
+def bench_b1(p, rounds, device="cpu"):
+    log(f"B1 text encode ({device})")
+    rounds *= 2  # in one process: cheap rounds
+    r = worker("encode", {"device": device, "rounds": rounds, "folder": p["bin"], "clip_h": p["clip_h_bin"]})
+    res = r["result"]
+    t = {name: {k: stats(v) for k, v in times.items()} for name, times in res["times"].items()}
+    dtype = "fp16" if device == "cuda" else "fp32"
+    lines = [f"Prompt: a 28-character Chinese prompt (its English translation for the SD2.1 encoder); {dtype}, "
+             f"{device}, {rounds} rounds in one process ({res['threads']} torch threads). Time of tokenize + encode.",
+             "", "| contender | wall | CPU | pack ÷ it (CPU) | pack ÷ it (wall) |", "|---|---|---|---|---|"]
+    names = {"pack": "pack: Chinese-CLIP Text Encode (ComfyUI BERT)",
+             "transformers": "transformers `ChineseCLIPTextModel`, ModelScope's recipe",
+             "stock_sd21": "ComfyUI's SD2.1 text encoder (OpenCLIP ViT-H, 24×1024), CLIP Text Encode"}
+    for name, label in names.items():
+        lines.append(f"| {label} | {fmt(t[name]['wall'])} | {fmt(t[name]['cpu'])} | "
+                     f"{ratio(t['pack']['cpu'], t[name]['cpu']):.2f} | {ratio(t['pack']['wall'], t[name]['wall']):.2f} |")
+    if device == "cpu":
+        lines += ["", "Chunk mode (`long_prompt` = chunk), prompts of 1, 3 and 6 windows of 52 tokens:", "",
+                  "| windows | wall | CPU | CPU ÷ 1 window | CPU per window ÷ truncate |", "|---|---|---|---|---|"]
+        for w in (1, 3, 6):
+            c = t[f"chunk_{w}"]["cpu"]
+            lines.append(f"| {w} | {fmt(t[f'chunk_{w}']['wall'])} | {fmt(c)} | {ratio(c, t['chunk_1']['cpu']):.2f} | "
+                         f"{c['median'] / w / t['pack']['cpu']['median']:.2f} |")
+    lines += ["", f"Largest difference pack vs transformers: {res['max_abs_diff_vs_transformers']:.2e}; "
+              f"outputs finite: {all(res['finite'].values())}."]
+    if "peak_gpu_bytes" in res:
+        lines.append(f"Peak GPU memory (all three encoders loaded): {res['peak_gpu_bytes'] / GIB:.2f} GiB.")
+    value = ratio(t["pack"]["cpu"], t["transformers"]["cpu"])
+    if device == "cpu":
+        target("B1", "text encode, pack ÷ transformers, CPU time", value, 1.0)
+    return lines, res
+
+
+# ----------------------------------------------------------------------------------------------
+# B2 / B3 loads
+
+
+def load_table(results, contenders, sizes, reference):
+    """Rows of time, peak RSS and anonymous peak (each above the process's baseline before the load), per GiB
+    of weight files read and per GiB of weights the loaded objects hold."""
+    rows = ["| contender | files | loaded weights | wall | CPU | peak RSS − baseline | ÷ files | "
+            "anon peak − baseline | ÷ files | ÷ loaded |", "|---|---|---|---|---|---|---|---|---|---|"]
+    summary = {}
+    for name, label in contenders.items():
+        runs = results[name]
+        wall = stats([x["result"]["wall"] for x in runs])
+        cpu = stats([x["result"]["cpu"] for x in runs])
+        rss = stats([(x["maxrss_kb"] - x["result"]["rss_before_kb"]) * 1024 / GIB for x in runs])
+        anon = stats([(x["peak_anon_kb"] - x["result"]["anon_before_kb"]) * 1024 / GIB for x in runs])
+        size = sizes[name] / GIB
+        loaded = sum(runs[0]["result"]["weight_bytes"].values()) / GIB
+        summary[name] = {"wall": wall, "cpu": cpu, "rss": rss, "anon": anon, "size": size, "loaded": loaded}
+        rows.append(f"| {label} | {size:.2f} GiB | {loaded:.2f} GiB | {fmt(wall)} | {fmt(cpu)} | {fmt(rss, 'GiB')} | "
+                    f"{rss['median'] / size:.2f} | {fmt(anon, 'GiB')} | {anon['median'] / size:.2f} | "
+                    f"{anon['median'] / loaded:.2f} |")
+    ref = summary[reference]
+    rows += ["", "| ratio | wall | CPU | peak RSS | peak RSS ÷ files | anon peak | anon peak ÷ files | anon peak ÷ loaded |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, label in contenders.items():
+        if name == reference:
+            continue
+        s = summary[name]
+        rows.append(f"| {label} ÷ {contenders[reference]} | {ratio(s['wall'], ref['wall']):.2f} | "
+                    f"{ratio(s['cpu'], ref['cpu']):.2f} | {ratio(s['rss'], ref['rss']):.2f} | "
+                    f"{per(s, ref, 'rss', 'size'):.2f} | {ratio(s['anon'], ref['anon']):.2f} | "
+                    f"{per(s, ref, 'anon', 'size'):.2f} | {per(s, ref, 'anon', 'loaded'):.2f} |")
+    return rows, summary
+
+
+def per(s, ref, what, by):
+    """(s's median what per GiB of by) over ref's."""
+    return (s[what]["median"] / s[by]) / (ref[what]["median"] / ref[by])
+
+
+def bench_b2(p, rounds):
+    lines, out = [], {}
+    for fmt_name, folder, clip in (("bin", p["bin"], p["clip_h_bin"]), ("safetensors", p["safetensors"], p["clip_h_safetensors"])):
+        log(f"B2 loads, .{fmt_name}")
+        stock = {"contender": "stock", "unet": weights(folder, "unet"), "vae": weights(folder, "vae"), "clip": clip}
+        args = {"folder": {"contender": "folder", "folder": folder}, "stock": stock}
+        results = rounds_of(list(args), rounds, lambda name: worker("load", args[name]))
+        sizes = {"folder": file_bytes(weights(folder, "unet"), weights(folder, "vae"), weights(folder, "text_encoder")),
+                 "stock": file_bytes(stock["unet"], stock["vae"], clip)}
+        kind = "fp32 `.bin`" if fmt_name == "bin" else "fp16 `.safetensors`"
+        rows, summary = load_table(results, {"folder": "pack: folder loader", "stock": "stock loaders"}, sizes, "stock")
+        lines += [f"**{kind}** ({rounds} rounds, a fresh process each):", ""] + rows + [""]
+        out[fmt_name] = summary
+        s, ref = summary["folder"], summary["stock"]
+        target("B2", f"folder loader ÷ stock, anonymous peak per GiB of loaded weights, {kind}",
+               per(s, ref, "anon", "loaded"), 1.0)
+    return lines, out
+
+
+def convert(source, models_dir, dtype, only=None):
+    cmd = [PY, "-m", "loaders.convert", source, "--models-dir", models_dir, "--dtype", dtype, "--no-progress",
+           "--name", "bench", "--overwrite"] + (["--only", only] if only else [])
+    return measure.run(cmd, env=env(), cwd=PACK_DIR)
+
+
+def bench_b3(p, rounds, work):
+    lines, out = [], {}
+    for label, folder, dtype in (("fp16 `.safetensors`", p["safetensors"], "fp16"), ("fp32 `.bin`", p["bin"], "fp32")):
+        models = os.path.join(work, f"b3_{dtype}")
+        os.makedirs(models, exist_ok=True)
+        log(f"B3: converting {folder} ({dtype}) with the pack's converter")
+        r = convert(folder, models, dtype, only="checkpoint")
+        if r["returncode"]:
+            raise RuntimeError(f"converter failed:\n{r['stderr'][-3000:]}")
+        ckpt = os.path.join(models, "checkpoints", "bench.safetensors")
+        args = {"folder": {"contender": "folder", "folder": folder}, "checkpoint": {"contender": "checkpoint", "checkpoint": ckpt}}
+        log(f"B3 loads, {label}")
+        results = rounds_of(list(args), rounds, lambda name: worker("load", args[name]))
+        sizes = {"folder": file_bytes(*(weights(folder, c) for c in ("unet", "vae", "text_encoder"))),
+                 "checkpoint": file_bytes(ckpt)}
+        rows, summary = load_table(results, {"checkpoint": "pack: checkpoint loader", "folder": "pack: folder loader"},
+                                   sizes, "folder")
+        lines += [f"**{label}**: the folder vs the converter's {dtype} checkpoint of it ({rounds} rounds, a fresh "
+                  "process each):", ""] + rows + [""]
+        out[dtype] = summary
+        shutil.rmtree(models, ignore_errors=True)
+        target("B3", f"checkpoint ÷ folder loader, peak RSS, {label}",
+               ratio(summary["checkpoint"]["rss"], summary["folder"]["rss"]), 1.0)
+    return lines, out
+
+
+# ----------------------------------------------------------------------------------------------
+# B4 sampling
+
+
+def bench_b4(p, rounds, device="cpu"):
+    size, steps = (CUDA_SIZE, CUDA_STEPS) if device == "cuda" else (CPU_SIZE, CPU_STEPS)
+    rounds *= 2  # in one process: cheap rounds
+    log(f"B4 sampling ({device}, {size}x{size}, {steps} steps)")
+    folder = p["safetensors"] if device == "cuda" else p["bin"]
+    r = worker("sample", {"device": device, "rounds": rounds, "steps": steps, "size": size, "folder": folder,
+                          "unet": weights(folder, "unet")})
+    res = r["result"]
+    t = {name: {k: stats(v) for k, v in times.items()} for name, times in res["times"].items()}
+    dtype = "fp16" if device == "cuda" else "fp32"
+    lines = [f"KSampler euler/simple, CFG 7.5, {size}×{size} pixels ({size // 8}×{size // 8} latents), {steps} steps, "
+             f"{dtype} on {device}; {rounds} rounds in one process. Seconds per step:", "",
+             "| contender | wall s/step | CPU s/step |", "|---|---|---|",
+             f"| pack: `load_unet` (folder's unet/) | {fmt(t['pack']['wall'], 's', 3)} | {fmt(t['pack']['cpu'], 's', 3)} |",
+             f"| stock: `comfy.sd.load_diffusion_model` (same file) | {fmt(t['stock']['wall'], 's', 3)} | "
+             f"{fmt(t['stock']['cpu'], 's', 3)} |",
+             f"| **pack ÷ stock** | **{ratio(t['pack']['wall'], t['stock']['wall']):.3f}** | "
+             f"**{ratio(t['pack']['cpu'], t['stock']['cpu']):.3f}** |", "",
+             f"Latents identical (torch.equal): {res['identical_latents']}; model sampling: {res['model_types']}; "
+             f"weights: {res['dtypes']}; finite: {res['finite']}."]
+    if "peak_gpu_bytes" in res:
+        lines.append(f"Peak GPU memory (both UNets loaded): {res['peak_gpu_bytes'] / GIB:.2f} GiB.")
+    if device == "cpu":
+        value = ratio(t["pack"]["cpu"], t["stock"]["cpu"])
+        target("B4", "sampling s/step, pack ÷ stock, CPU time", value, 1.03, lo=0.97)
+        target("B4", "sampling s/step, pack ÷ stock, wall time", ratio(t["pack"]["wall"], t["stock"]["wall"]), 1.03, lo=0.97)
+    return lines, res
+
+
+# ----------------------------------------------------------------------------------------------
+# B5 converter
+
+
+CONVERTER_IMPORTS = ("import sys, os; sys.path.append(os.environ['COMFYUI_PATH']); import comfy.cli_args; "
+                     "comfy.cli_args.args.cpu = True; import safetensors.torch, tqdm; "
+                     "import loaders.convert, loaders.modelscope, loaders.unet, loaders.vae")
+YARDSTICK_IMPORTS = "import torch, safetensors.torch"
+
+
+def yardstick(source, models_dir, dtype):
+    return measure.run([PY, os.path.join(HERE, "yardstick.py"), source, models_dir, dtype], env=env(), cwd=PACK_DIR)
+
+
+def bench_b5(p, rounds, work):
+    source = p["bin"]
+    out_dir = os.path.join(work, "b5")
+    contenders = ["converter fp16", "yardstick fp16", "converter fp32", "yardstick fp32", "converter imports",
+                  "yardstick imports"]
+    # Writing costs CPU time that depends on how much memory the run before freed (deleting its files): in
+    # these two orders each contender follows an fp16 run once and an fp32 run once (the next round's first
+    # follows an fp32 run), and each converter run sits next to the yardstick run it is compared with.
+    orders = [contenders, ["yardstick fp16", "converter fp16", "yardstick fp32", "converter fp32",
+                           "yardstick imports", "converter imports"]]
+
+    def run_one(name):
+        kind, dtype = name.split()
+        if dtype == "imports":  # what each command imports before its work, and nothing else
+            return measure.run([PY, "-c", CONVERTER_IMPORTS if kind == "converter" else YARDSTICK_IMPORTS],
+                               env=env(), cwd=PACK_DIR)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.makedirs(out_dir)
+        r = convert(source, out_dir, dtype) if kind == "converter" else yardstick(source, out_dir, dtype)
+        if r["returncode"]:
+            raise RuntimeError(f"{name} failed:\n{r['stderr'][-3000:]}")
+        r["written"] = file_bytes(out_dir)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return r
+
+    log("B5 converter vs yardstick")
+    rounds += rounds % 2  # an even number, so that both orders count alike
+    results = rounds_of(contenders, rounds, run_one, orders)
+    size = file_bytes(*(weights(source, c) for c in ("unet", "text_encoder", "vae")))
+    summary = {name: {"wall": stats([x["wall"] for x in runs]), "cpu": stats([x["cpu"] for x in runs]),
+                      "rss": stats([x["maxrss_kb"] * 1024 / GIB for x in runs]),
+                      "written": runs[0].get("written", 0)} for name, runs in results.items()}
+    lines = [f"Source: the fp32 `.bin` folder ({size / GIB:.2f} GiB of weights). Both write the all-in-one checkpoint "
+             "and the three split files; whole process, a fresh one each time (interpreter start and imports "
+             f"included); {rounds} rounds.", "",
+             "| contender | written | wall | CPU | peak RSS | peak RSS ÷ source |", "|---|---|---|---|---|---|"]
+    for name in contenders:
+        s = summary[name]
+        written = f"{s['written'] / GIB:.2f} GiB" if s["written"] else "—"
+        lines.append(f"| {name} | {written} | {fmt(s['wall'])} | {fmt(s['cpu'])} | "
+                     f"{fmt(s['rss'], 'GiB')} | {s['rss']['median'] * GIB / size:.2f} |")
+    lines += ["", "| converter ÷ yardstick | wall | CPU | peak RSS |", "|---|---|---|---|"]
+    ci, yi = summary["converter imports"], summary["yardstick imports"]
+    for dtype in ("fp16", "fp32"):
+        c, y = summary[f"converter {dtype}"], summary[f"yardstick {dtype}"]
+        lines.append(f"| {dtype} | {ratio(c['wall'], y['wall']):.2f} | {ratio(c['cpu'], y['cpu']):.2f} | "
+                     f"{ratio(c['rss'], y['rss']):.2f} |")
+    lines += ["", "Where the difference lies: each command's imports alone (the rows `imports`: Python start and "
+              "the modules each command imports, nothing converted), and the work after them:", "",
+              "| | converter − its imports, CPU | yardstick − its imports, CPU | ratio |", "|---|---|---|---|"]
+    for dtype in ("fp16", "fp32"):
+        c, y = summary[f"converter {dtype}"], summary[f"yardstick {dtype}"]
+        work_c, work_y = c["cpu"]["median"] - ci["cpu"]["median"], y["cpu"]["median"] - yi["cpu"]["median"]
+        lines.append(f"| {dtype} | {work_c:.2f} s | {work_y:.2f} s | {work_c / work_y:.2f} |")
+    lines += ["", f"The converter's imports cost {ci['cpu']['median'] - yi['cpu']['median']:.2f} s of CPU more than the "
+              "yardstick's (torch and safetensors): it checks the UNet and the VAE against ComfyUI's own classes "
+              "(built on the meta device), and importing ComfyUI's `comfy.sd` brings torchvision (with "
+              "torch._dynamo and sympy) and transformers along. After the imports, its work (read, check, cast, "
+              "write) is the yardstick's, as the last column shows."]
+    for dtype in ("fp16", "fp32"):
+        c, y = summary[f"converter {dtype}"], summary[f"yardstick {dtype}"]
+        target("B5", f"converter ÷ yardstick, {dtype}, CPU time", ratio(c["cpu"], y["cpu"]), 1.2)
+        target("B5", f"converter ÷ yardstick, {dtype}, wall time", ratio(c["wall"], y["wall"]), 1.2)
+        target("B5", f"converter ÷ yardstick, {dtype}, peak RSS", ratio(c["rss"], y["rss"]), 1.05)
+    return lines, summary
+
+
+# ----------------------------------------------------------------------------------------------
+# B6 first image
+
+
+def bench_b6(p, rounds, device="cpu"):
+    size, steps = (CUDA_SIZE, 4) if device == "cuda" else (CPU_SIZE, CPU_STEPS)
+    folder = p["safetensors"]
+    base = {"device": device, "size": size, "steps": steps, "folder": folder, "unet": weights(folder, "unet"),
+            "vae": weights(folder, "vae"), "clip": p["clip_h_safetensors"]}
+    log(f"B6 first image ({device})")
+    results = rounds_of(["pack", "stock"], rounds, lambda name: worker("first_image", {**base, "contender": name}))
+    s = {}
+    for name, runs in results.items():
+        s[name] = {"wall": stats([x["result"]["wall"] for x in runs]), "cpu": stats([x["result"]["cpu"] for x in runs]),
+                   "stages": {k: statistics.median(x["result"]["stages"][k] for x in runs)
+                              for k in ("load", "encode", "sample", "decode")},
+                   "finite": all(x["result"]["finite"] for x in runs)}
+    lines = [f"Cold, in a fresh process: load (fp16 `.safetensors` files, ComfyUI's default dtypes) + encode "
+             f"(positive and negative) + KSampler {steps} steps euler/simple CFG 7.5 at {size}×{size} + VAE Decode; "
+             f"{rounds} rounds.", "",
+             "| graph | wall | CPU | load | encode | sample | decode | finite |", "|---|---|---|---|---|---|---|---|"]
+    labels = {"pack": "pack: folder loader + Chinese-CLIP Text Encode",
+              "stock": "stock SD2.1: Load Diffusion Model + Load CLIP (ViT-H 24×1024) + Load VAE + CLIP Text Encode"}
+    for name, label in labels.items():
+        st = s[name]["stages"]
+        lines.append(f"| {label} | {fmt(s[name]['wall'])} | {fmt(s[name]['cpu'])} | {st['load']:.2f} s | "
+                     f"{st['encode']:.2f} s | {st['sample']:.2f} s | {st['decode']:.2f} s | {s[name]['finite']} |")
+    lines += ["", f"pack ÷ stock: wall {ratio(s['pack']['wall'], s['stock']['wall']):.2f}, CPU "
+              f"{ratio(s['pack']['cpu'], s['stock']['cpu']):.2f}."]
+    if device == "cuda":
+        gpu = {n: statistics.median(x["result"]["peak_gpu_bytes"] for x in runs) / GIB for n, runs in results.items()}
+        lines.append(f"Peak GPU memory: pack {gpu['pack']:.2f} GiB, stock {gpu['stock']:.2f} GiB.")
+        diff = worker("first_image", {**base, "contender": "pack", "fp32_difference": True})["result"]
+        lines.append(f"fp16 vs fp32 image (pack, same seed): max abs pixel difference "
+                     f"{diff['fp16_vs_fp32_max_abs_pixel_diff']:.4f}, mean {diff['fp16_vs_fp32_mean_abs_pixel_diff']:.5f} "
+                     "(pixels in 0..1).")
+    else:
+        target("B6", "first image, pack ÷ stock, CPU time", ratio(s["pack"]["cpu"], s["stock"]["cpu"]), 1.05)
+        target("B6", "first image, pack ÷ stock, wall time", ratio(s["pack"]["wall"], s["stock"]["wall"]), 1.05)
+    return lines, s
+
+
+# ----------------------------------------------------------------------------------------------
+# the report
+
+
+def versions():
+    code = ("import json, torch, transformers, diffusers, safetensors, numpy; print(json.dumps({'torch': torch.__version__, "
+            "'transformers': transformers.__version__, 'diffusers': diffusers.__version__, 'safetensors': "
+            "safetensors.__version__, 'numpy': numpy.__version__, 'cuda': torch.cuda.is_available() and "
+            "torch.cuda.get_device_name(0), 'threads': torch.get_num_threads()}))")
+    v = json.loads(subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout)
+    comfy = {}
+    with open(os.path.join(COMFYUI_PATH, "comfyui_version.py"), encoding="utf-8") as f:
+        exec(f.read(), comfy)
+    v["comfyui"] = comfy["__version__"]
+    v["python"] = platform.python_version()
+    return v
+
+
+def machine():
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo", encoding="utf-8")
+                if line.startswith("model name")), platform.processor())
+    mem = next(int(line.split()[1]) for line in open("/proc/meminfo", encoding="utf-8") if line.startswith("MemTotal"))
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "ram_gib": mem / 1024 ** 2, "kernel": platform.release(),
+            "load_before": os.getloadavg()}
+
+
+def git_state():
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=PACK_DIR, capture_output=True, text=True).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "loaders", "nodes", "__init__.py")
+    return commit + (" + uncommitted changes to the pack" if dirty else "")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5, help="measured rounds per comparison, after one warm-up")
+    parser.add_argument("--only", default="B1,B2,B3,B4,B5,B6", help="comma-separated benchmarks to run")
+    parser.add_argument("--out", default=os.path.join(PACK_DIR, "BENCHMARKS.md"))
+    parser.add_argument("--json", help="also write the raw results here")
+    args = parser.parse_args(argv)
+    if not os.path.isfile(os.path.join(COMFYUI_PATH, "comfyui_version.py")):
+        parser.error("COMFYUI_PATH must name a ComfyUI folder (benchmarks/run.sh sets it)")
+    only = [b.strip().upper() for b in args.only.split(",") if b.strip()]
+    started = time.time()
+    # Built (or found) by a process of its own, and this one imports no torch: a child's peak RSS (ru_maxrss)
+    # counts the memory of the process it was forked from, so this one must stay small.
+    built = subprocess.run([PY, os.path.join(HERE, "build.py")], env=env(), check=True, stdout=subprocess.PIPE,
+                           text=True, encoding="utf-8").stdout
+    p = json.loads(built[built.rindex("{\n"):])  # build.py ends with its paths as JSON
+    work = os.path.join(p["root"], "work")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    info = {"machine": machine(), "versions": versions(), "commit": git_state(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    cuda = bool(info["versions"]["cuda"])
+    sections, raw = [], {}
+    titles = {"B1": "B1 text encode", "B2": "B2 loads: folder loader vs ComfyUI's stock loaders",
+              "B3": "B3 checkpoint loader vs folder loader", "B4": "B4 sampling speed",
+              "B5": "B5 converter vs a bare torch yardstick", "B6": "B6 first image, cold"}
+    runners = {"B1": lambda: bench_b1(p, args.rounds), "B2": lambda: bench_b2(p, args.rounds),
+               "B3": lambda: bench_b3(p, args.rounds, work), "B4": lambda: bench_b4(p, args.rounds),
+               "B5": lambda: bench_b5(p, args.rounds, work), "B6": lambda: bench_b6(p, args.rounds)}
+    try:
+        for b in only:
+            lines, raw[b] = runners[b]()
+            sections.append((titles[b], lines))
+        if cuda:
+            gpu = []
+            for b, fn in (("B1", bench_b1), ("B4", bench_b4), ("B6", bench_b6)):
+                if b in only:
+                    try:
+                        lines, raw[b + "_cuda"] = fn(p, args.rounds, device="cuda")
+                    except Exception as e:  # a report with the CPU figures beats none
+                        log(f"{b} on CUDA failed: {e}")
+                        lines = [f"Failed: `{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}`"]
+                    gpu += [f"**{b} on CUDA (fp16)**", ""] + lines + [""]
+            sections.append((f"CUDA: {info['versions']['cuda']}", gpu))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    info["minutes"] = (time.time() - started) / 60
+    info["load_after"] = os.getloadavg()
+    write_report(args, info, sections, cuda)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"info": info, "raw": raw, "targets": TARGETS}, f, indent=1, default=str)
+    missed = [t for t in TARGETS if not t[4]]
+    log(f"wrote {args.out}: {len(TARGETS) - len(missed)} of {len(TARGETS)} targets met")
+    return 0
+
+
+def write_report(args, info, sections, cuda):
+    m, v = info["machine"], info["versions"]
+    out = ["# Benchmarks", "",
+           "Chinese SD through this pack against its references, with full-size random-weight models (text tower "
+           "24×1024, SD 2.1 UNet, SD VAE; built by their real producers, see `benchmarks/build.py`). "
+           "Generated by `bash benchmarks/run.sh` — do not edit by hand.", "",
+           f"- Run: {info['date']}, pack at {info['commit']}, {info['minutes']:.0f} minutes; command "
+           f"`bash benchmarks/run.sh --rounds {args.rounds}" + (f" --only {args.only}`" if args.only != "B1,B2,B3,B4,B5,B6" else "`"),
+           f"- Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']:.0f} GiB RAM, Linux {m['kernel']}; load average "
+           f"{m['load_before'][0]:.1f} before, {info['load_after'][0]:.1f} after (the machine is shared: CPU time is "
+           "the steadier figure)",
+           f"- Versions: ComfyUI {v['comfyui']}, Python {v['python']}, torch {v['torch']} ({v['threads']} threads), "
+           f"transformers {v['transformers']}, diffusers {v['diffusers']}, safetensors {v['safetensors']}",
+           "- GPU: " + (v["cuda"] if cuda else "none on this machine, so the CUDA cases (B1, B4, B6 in fp16 at "
+                        "512×512, peak GPU memory, fp16 vs fp32 image) were not run; the same command runs them "
+                        "where `torch.cuda.is_available()`"),
+           "", "## Targets", "", "| | measure | value | target | met |", "|---|---|---|---|---|"]
+    for bench, what, value, limit, met in TARGETS:
+        out.append(f"| {bench} | {what} | {value:.2f} | {limit} | {'yes' if met else '**no**'} |")
+    out += ["", "## How it is measured", "", METHOD]
+    for title, lines in sections:
+        out += ["", f"## {title}", ""] + lines
+    with open(args.out, "w", encoding="utf-8", newline="\n") as f:
+        f.write("\n".join(out).rstrip() + "\n")
+
+
+METHOD = """\
+- **Models**: built once into `${XDG_CACHE_HOME:-~/.cache}/comfyui-chinese-sd-bench/` (outside the repository):
+  the ModelScope layout as fp32 `.bin` (torch.save of the state dict, as transformers 4 wrote it) and as fp16
+  `.safetensors`, plus ComfyUI's native SD2.1 text encoder of equal size (OpenCLIP ViT-H text tower, 24×1024,
+  in the layout ComfyUI's Load CLIP reads) for the stock comparisons. DDIM scheduler config, epsilon prediction.
+- **Rounds**: every comparison runs interleaved (round 0 warms the page cache and is dropped; each later
+  round runs each contender once, alternating the order); figures are median (min–max). A ratio is the
+  median of the per-round ratios (the contenders of a round run back to back, so load from other work on
+  the machine that drifts between rounds cancels out); targets are judged on the ratio as shown (2 decimals).
+- **Time**: wall time and CPU time (user + system of all threads). In-process figures (B1, B4) time the
+  call; load figures (B2, B3) and B6 time the section inside a fresh process (interpreter start and imports
+  excluded); B5 times the whole command (a user runs the converter as a command: imports included), from
+  the kernel's rusage of the child.
+- **Memory**: each load runs in a fresh process. Peak RSS is the kernel's high-water mark (`ru_maxrss`), minus
+  the RSS just before the load started (imports); the anonymous peak is `RssAnon` of `/proc/<pid>/status`
+  sampled every 4 ms from outside (and read by the process at its end), minus its value before the load.
+  RSS counts file pages of memory-mapped weight files; anonymous memory is what the process owns (the built
+  models, copies): the part that cannot be dropped under memory pressure. "÷ files" divides by the total size
+  of the weight files read. B5's peak RSS is the whole process's.
+- **Stock**: ComfyUI's own functions: `comfy.sd.load_diffusion_model` (the diffusers UNet file),
+  `comfy.sd.VAE(sd=comfy.utils.load_torch_file(...))`, `comfy.sd.load_clip(..., CLIPType.STABLE_DIFFUSION)`
+  and CLIP Text Encode / KSampler / VAE Decode. Stock ComfyUI cannot read a Chinese-CLIP (BERT) tower, so its
+  text-encoder leg loads the SD2.1 text encoder of equal size in the same format; memory is compared per GiB
+  of files read.
+- **Yardstick (B5)**: `benchmarks/yardstick.py`, torch and safetensors only: load each component (`torch.load`
+  with `weights_only` and `mmap`), cast, save the checkpoint and the three split files from the same tensors."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
