@@ -23,6 +23,19 @@ def test_pyproject_as_comfyui_reads_it():
     assert comfy.publisher_id and comfy.display_name
 
 
+def test_icon_is_the_repository_file_the_registry_accepts():
+    """[tool.comfy] Icon: a URL of the repository's own square PNG of at most 400x400 pixels."""
+    from comfy_config import config_parser
+    from PIL import Image
+    config = config_parser.extract_node_configuration(PACK_DIR)
+    repo = config.project.urls.repository.removeprefix("https://github.com/")
+    prefix = f"https://raw.githubusercontent.com/{repo}/main/"
+    assert config.tool_comfy.icon.startswith(prefix)
+    path = os.path.join(PACK_DIR, *config.tool_comfy.icon[len(prefix):].split("/"))
+    with Image.open(path) as icon:
+        assert icon.format == "PNG" and icon.width == icon.height <= 400
+
+
 def test_requires_comfyui_is_the_oldest_tested_host():
     from comfy_config import config_parser
     config = config_parser.extract_node_configuration(PACK_DIR)
