@@ -179,11 +179,13 @@ def convert_folder(source, models_dir, name=None, dtype="fp16", parts=PARTS, ove
     vae_sd = _cast(vae_sd, torch_dtype)
     bar.update()
 
-    unet_meta = metadata.unet_entries(family, prediction, schedule, heads, sample_size * vae_factor, latent_scale)
+    resolution = sample_size * vae_factor
+    unet_meta = metadata.unet_entries(family, prediction, schedule, heads, resolution, latent_scale)
+    spec = metadata.modelspec(name, family, prediction, resolution, os.path.basename(source))
     files = {
         "checkpoint": ({**{metadata.UNET_PREFIX + k: v for k, v in unet_sd.items()},
                         **{metadata.VAE_PREFIX + k: v for k, v in vae_sd.items()},
-                        **{metadata.TEXT_PREFIX + k: v for k, v in text_sd.items()}}, {**unet_meta, **text_meta}),
+                        **{metadata.TEXT_PREFIX + k: v for k, v in text_sd.items()}}, {**unet_meta, **text_meta, **spec}),
         "unet": (unet_sd, unet_meta),
         "text_encoder": (text_sd, text_meta),
         "vae": (vae_sd, {metadata.P + "latent_scaling_factor": repr(latent_scale)}),

@@ -15,6 +15,8 @@ All values are strings (a safetensors rule); structured values are JSON. Keys:
   chinese_sd.tokenizer        {"vocab.txt": text, "tokenizer_config.json": text}: the source's vocabulary and
                               its BERT tokenizer settings (casing, accents, special tokens)
   chinese_sd.source, chinese_sd.dtype   informative
+The all-in-one checkpoint also carries the standard modelspec.* keys (Stability AI's model metadata spec
+1.0.0, see modelspec()) for model browsers; the loaders do not read them.
 Inside an all-in-one checkpoint the UNet sits under model.diffusion_model., the VAE under
 first_stage_model. (ComfyUI's usual prefixes) and the text tower under chinese_clip. (so that ComfyUI's
 stock checkpoint loader finds no text encoder instead of building an OpenCLIP one from it).
@@ -88,6 +90,29 @@ def unet_entries(family, prediction, scheduler, heads, native_resolution, latent
     return {P + "architecture": family, P + "prediction_type": prediction,
             P + "scheduler": json.dumps(scheduler, sort_keys=True), P + "unet_heads": json.dumps(heads, sort_keys=True),
             P + "native_resolution": str(native_resolution), P + "latent_scaling_factor": repr(float(latent_scale))}
+
+
+MODELSPEC_IMPLEMENTATION = "https://github.com/comfyui-chinese-sd/comfyui-chinese-sd"
+
+
+def modelspec(title, family, prediction, native_resolution, source):
+    """The modelspec.* keys of a converted all-in-one checkpoint.
+
+    The architecture ID is SAI's for the UNet (stable-diffusion-v1, -v2-512, -v2-768-v) plus "-chinese-clip":
+    the spec wants IDs that differ wherever inference differs, and these models need a Chinese-CLIP (BERT)
+    text tower where SAI's have OpenAI/OpenCLIP ones. The implementation is this pack, whose tensor layout
+    (model.diffusion_model., first_stage_model., chinese_clip.) the file has.
+    """
+    if family == "sd1.x":
+        base = "stable-diffusion-v1"
+    else:
+        base = "stable-diffusion-v2-768-v" if prediction == "v_prediction" else "stable-diffusion-v2-512"
+    return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": base + "-chinese-clip",
+            "modelspec.implementation": MODELSPEC_IMPLEMENTATION, "modelspec.title": title,
+            "modelspec.resolution": f"{native_resolution}x{native_resolution}",
+            "modelspec.prediction_type": "v" if prediction == "v_prediction" else "epsilon",
+            "modelspec.description": f"Converted from the diffusers/ModelScope folder '{source}' for ComfyUI; "
+                                     "load it with Load Chinese SD Checkpoint (comfyui-chinese-sd)."}
 
 
 def text_entries(bert_config, recipe, tokenizer):

@@ -74,6 +74,13 @@ def test_files_and_metadata(converted, dtype):
         assert tokenizer["vocab.txt"] == f.read()
     assert json.loads(tokenizer["tokenizer_config.json"])["do_lower_case"] is True
     assert meta["chinese_sd.dtype"] == dtype
+    # the standard modelspec keys (SAI model spec 1.0.0) for model browsers, in the checkpoint only
+    assert {k: v for k, v in meta.items() if k.startswith("modelspec.") and k != "modelspec.description"} == {
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v2-768-v-chinese-clip",
+        "modelspec.implementation": "https://github.com/comfyui-chinese-sd/comfyui-chinese-sd",
+        "modelspec.title": "csd_v_bin", "modelspec.resolution": "64x64", "modelspec.prediction_type": "v"}
+    assert "csd_v_bin" in meta["modelspec.description"]
+    assert not any(k.startswith("modelspec.") for p in ("unet", "text_encoder", "vae") for k in read_meta(paths[p]))
     unet_sd = loaders.weights.read_state_dict(paths["unet"])
     assert "input_blocks.0.0.weight" in unet_sd  # ComfyUI's own (LDM) layout
     assert {v.dtype for v in unet_sd.values()} == {DTYPES[dtype]}
