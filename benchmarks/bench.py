@@ -344,8 +344,11 @@ def bench_b5(p, rounds, work):
     lines += ["", f"The converter's imports cost {ci['cpu']['median'] - yi['cpu']['median']:.2f} s of CPU more than the "
               "yardstick's (torch and safetensors): it checks the UNet and the VAE against ComfyUI's own classes "
               "(built on the meta device), and importing ComfyUI's `comfy.sd` brings torchvision (with "
-              "torch._dynamo and sympy) and transformers along. After the imports, its work (read, check, cast, "
-              "write) is the yardstick's, as the last column shows."]
+              "torch._dynamo and sympy) and transformers along. After the imports the two do the same reading, "
+              "casting and writing (the converter's checks run on the meta device and copy nothing), and most of "
+              "both is the kernel's time writing the same bytes into the page cache, which varies from run to "
+              "run with how much free memory the page cache leaves (see the min–max columns); the last column "
+              "is that remainder's ratio."]
     for dtype in ("fp16", "fp32"):
         c, y = summary[f"converter {dtype}"], summary[f"yardstick {dtype}"]
         target("B5", f"converter ÷ yardstick, {dtype}, CPU time", ratio(c["cpu"], y["cpu"]), 1.2)
