@@ -133,11 +133,10 @@ def _read_unet(folder):
 
 
 def _read_vae(folder):
-    from .vae import check_vae, comfy_layout, read_vae_folder, vae_settings
+    from .vae import check_vae, read_vae_folder, vae_settings
     sd, weights, config = read_vae_folder(os.path.join(folder, "vae"))
     scale, factor = vae_settings(config)
-    sd = comfy_layout(sd)
-    check_vae(sd, weights)  # the loaders' completeness check, on ComfyUI's VAE built without weights
+    sd = check_vae(sd, weights)  # the loaders' checks (on ComfyUI's VAE built without weights), ComfyUI's layout
     return sd, scale, factor
 
 

@@ -32,12 +32,14 @@ def build_vae(sd, path):
 
 def check_vae(sd, path):
     """build_vae's checks without building the VAE: ComfyUI's VAE for these keys is built on the meta device
-    (no memory, no weights) and must take every tensor with its shape. For the converter."""
+    (no memory, no weights) and must take every tensor with its shape. Returns sd in ComfyUI's layout.
+    For the converter."""
     sd = _vae_layout(sd, path)
     shapes = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in sd.items()}
     with torch.device("meta"):
         vae = _comfy_vae(shapes, path)
     check_keys(path, vae.first_stage_model.state_dict().keys(), sd.keys(), "a complete SD VAE")
+    return sd
 
 
 def _vae_layout(sd, path):
