@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -409,10 +410,8 @@ def versions():
             "safetensors.__version__, 'numpy': numpy.__version__, 'cuda': torch.cuda.is_available() and "
             "torch.cuda.get_device_name(0), 'threads': torch.get_num_threads()}))")
     v = json.loads(subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout)
-    comfy = {}
     with open(os.path.join(COMFYUI_PATH, "comfyui_version.py"), encoding="utf-8") as f:
-        exec(f.read(), comfy)
-    v["comfyui"] = comfy["__version__"]
+        v["comfyui"] = re.search(r"__version__\s*=\s*['\"]([^'\"]+)['\"]", f.read()).group(1)
     v["python"] = platform.python_version()
     return v
 
