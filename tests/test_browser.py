@@ -18,7 +18,7 @@ from PIL import Image
 
 from comfy_server import ComfyServer
 from conftest import COMFYUI_PATH, PACK_DIR
-from tiny_models import tiny_lora
+from tiny_models import tiny_controlnet, tiny_lora
 
 CHROMIUM = os.environ.get("CNSD_CHROMIUM", "/usr/bin/chromium")
 # as the machine's probe starts it: no sandbox (root), no GPU, nothing reaching out to the network
@@ -44,7 +44,7 @@ def shipped_api(name):
 def ui_server(tmp_path_factory, model_folders, converted):
     """A server whose models carry the names the shipped workflows use: the user's setup, tiny."""
     work = tmp_path_factory.mktemp("browser")
-    dirs = {kind: work / "models" / kind for kind in ("diffusers", "checkpoints", "loras")}
+    dirs = {kind: work / "models" / kind for kind in ("diffusers", "checkpoints", "loras", "controlnet")}
     for path in dirs.values():
         path.mkdir(parents=True)
     checkpoint = converted("csd_v_bin", "fp16")["checkpoint"]
@@ -58,6 +58,8 @@ def ui_server(tmp_path_factory, model_folders, converted):
                 (dirs["checkpoints"] / inputs["ckpt_name"]).symlink_to(checkpoint)
             elif kind == "LoraLoader" and not (dirs["loras"] / inputs["lora_name"]).exists():
                 tiny_lora(str(dirs["loras"] / inputs["lora_name"]))
+            elif kind == "ControlNetLoader" and not (dirs["controlnet"] / inputs["control_net_name"]).exists():
+                tiny_controlnet(str(dirs["controlnet"] / inputs["control_net_name"]))
             elif kind == "LoadImage":
                 images.append(inputs["image"])
     srv = ComfyServer(COMFYUI_PATH, str(work), {kind: str(path) for kind, path in dirs.items()})
@@ -157,16 +159,6 @@ def graph_image(page):
     return image
 
 
-def thumbnail(page, name):
-    """The open graph as the template browser's thumbnail: workflows/<name>.jpg, centred on a 4:3 card."""
-    if SCREENSHOTS:
-        graph = graph_image(page)
-        graph.thumbnail((960, 720), Image.LANCZOS)
-        card = Image.new("RGB", (960, 720), graph.getpixel((2, 2)))
-        card.paste(graph, ((960 - graph.width) // 2, (720 - graph.height) // 2))
-        card.save(os.path.join(WORKFLOWS, name + ".jpg"), quality=88)
-
-
 def leaf_texts(page, selector="body *"):
     """The visible texts of the page (elements without children)."""
     return page.evaluate("(s) => Array.from(document.querySelectorAll(s)).filter(e => !e.children.length"
@@ -216,7 +208,6 @@ def test_shipped_workflow_opens_from_the_template_browser(page, name):
     assert graph_problems(page) == []
     assert visible_warnings(page) == []
     assert page.page_errors == []
-    thumbnail(page, name)
 
 
 def set_widget(page, node_type, widget, value):
@@ -318,7 +309,7 @@ def test_chinese_ui(page, ui_server):
     # (fixed upstream in ComfyUI_frontend PR #7214); the help page and the token counter are the pack's own.
     if frontend_version(page) not in FRONTENDS_DROPPING_CUSTOM_LOCALES:
         assert node["title"] == zh["display_name"]
-        assert node["category"] == "条件/中文Stable Diffusion"
+        assert node["category"] == "条件/中文 Stable Diffusion"
         hover_input(page, node_id, 0)
         page.locator(".node-tooltip").wait_for(state="visible", timeout=10_000)
         assert page.locator(".node-tooltip").inner_text().strip() == zh["inputs"]["clip"]["tooltip"]

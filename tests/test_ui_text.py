@@ -20,6 +20,7 @@ CJK = re.compile("[\u3400-\u9fff]")
 # | plural forms; a translation holding one is shown broken or not at all
 I18N_SYNTAX = re.compile(r"[{}@|]")
 HELP_LOCALES = ("zh",)
+CHINESE_NAME = "中文 Stable Diffusion"  # the pack's one Chinese name: category, template section, texts
 
 
 def read_json(*parts):
@@ -93,18 +94,33 @@ def test_translations_are_plain_text_for_vue_i18n():
             assert not I18N_SYNTAX.search(text), f"locales/zh/{name} {path}: {text!r}"
 
 
+def test_one_chinese_name_for_the_pack_everywhere():
+    """The category, the template browser's section, the node texts, help pages, workflows' notes and the
+    READMEs all call the pack 中文 Stable Diffusion (with the space), never a variant of it."""
+    assert read_json("locales", "zh", "main.json")["templateWorkflows"]["category"]["comfyui-chinese-sd"] == CHINESE_NAME
+    files = ["README.md", "README.zh-CN.md", "pyproject.toml", *glob.glob("locales/*/*.json", root_dir=PACK_DIR),
+             *glob.glob("web/docs/**/*.md", root_dir=PACK_DIR, recursive=True),
+             *glob.glob("workflows/*.json", root_dir=PACK_DIR)]
+    seen = 0
+    for rel in files:
+        for m in re.finditer(r"中文\s*Stable\s*Diffusion", read_text(rel), re.I):
+            assert m.group(0) == CHINESE_NAME, f"{rel}: {m.group(0)!r}"
+            seen += 1
+    assert seen >= 15
+
+
 def test_the_chinese_category_is_served(server, info):
     served = server.get_json("/i18n")["zh"]
     categories = served["nodeCategories"]
     assert categories == read_json("locales", "zh", "main.json")["nodeCategories"]
-    assert categories["Chinese Stable Diffusion"] == "中文Stable Diffusion"
+    assert categories["Chinese Stable Diffusion"] == CHINESE_NAME
     assert set(served["nodeDefs"]) >= set(NODE_IDS)
     # the frontend translates a category one '/'-separated part at a time (nodeCategories.<part>); the other
     # parts of the pack's categories are ComfyUI's own, which the frontend's Chinese locale translates
     frontend = frontend_zh_bundle()
     for node_id in NODE_IDS:
         for part in info[node_id]["category"].split("/"):
-            assert part in categories or re.search(rf'\b{part}: ?"[^"]*[\u4e00-\u9fff]', frontend), part
+            assert part in categories or re.search(rf'\b{part}: ?["`][^"`]*[\u4e00-\u9fff]', frontend), part
 
 
 def frontend_zh_bundle():
@@ -115,7 +131,7 @@ def frontend_zh_bundle():
     for path in sorted(glob.glob(os.path.join(assets, "*.js"))):
         with open(path, encoding="utf-8", errors="replace") as f:
             text = f.read()
-        if re.search(r'loaders: ?"加载器"', text):
+        if re.search(r'loaders: ?["`]加载器["`]', text):  # quoted as "…" (frontend 1.25) or `…` (1.49)
             return text
     raise AssertionError(f"no Chinese nodeCategories in {assets}")
 
@@ -153,7 +169,7 @@ def test_the_encode_help_page_maps_the_modelscope_pipeline():
                  read_text("web", "docs", "ChineseSD_CLIPTextEncode", "zh.md")):
         for term in ("'text'", "'negative_prompt'", "'num_inference_steps'", "'guidance_scale'", "50", "7.5",
                      "euler", "simple", "dpmpp_2m", "karras", "25", "torch_dtype", "max_length=52", "truncate",
-                     "chunk", "`38 / 50`"):
+                     "chunk", "`38 / 50"):
             assert term in page, term
 
 
@@ -177,5 +193,5 @@ def test_the_token_counter_extension_is_served(server, info):
     assert script == read_text("web", "js", "token_counter.js")
     for contract in ('"/chinese_sd/tokens"', '"ChineseSD_CLIPTextEncode"', "chinese-sd-token-counter",
                      "chinese-sd-token-count", "chinese-sd-token-warning", "chinese-sd-token-error",
-                     "app.registerExtension", '"progress_text"'):
+                     "app.registerExtension", '"chinese_sd.encoded"', '"/chinese_sd/model_widgets"'):
         assert contract in script, contract

@@ -12,7 +12,7 @@ from PIL import Image
 
 from comfy_server import WIDGET_TYPES, ComfyServer, ui_to_api
 from conftest import COMFYUI_PATH, PACK_DIR
-from tiny_models import tiny_lora
+from tiny_models import tiny_controlnet, tiny_lora
 
 WORKFLOWS_DIR = os.path.join(PACK_DIR, "workflows")
 API_DIR = os.path.join(WORKFLOWS_DIR, "api")
@@ -20,8 +20,11 @@ MODULE = "comfyui-chinese-sd"  # the pack's folder name in custom_nodes/ (tests/
 NOTE_TYPES = ("MarkdownNote", "Note")  # the frontend's own nodes: never sent to the server
 PLACEHOLDER = "multi-modal_chinese_stable_diffusion_v1.0"
 WIDTH, HEIGHT = 64, 48
-INPUT_SIZE = (72, 56)  # img2img's picture: the output takes its size
+INPUT_SIZE = (72, 56)  # img2img's and inpainting's picture: the output takes its size
+MASK_BOX = (40, 8, 72, 40)  # the transparent part of that picture (x0, y0, x1, y1): inpainting's mask
 TEST_FOLDER, TEST_CKPT, TEST_LORA = "csd_eps_safetensors", "csd_v_bin.safetensors", "tiny_lora.safetensors"
+TEST_CONTROLNET = "tiny_controlnet_sd21.safetensors"
+SHIPPED_CONTROLNET = "control_v11p_sd21_canny.safetensors"  # thibaud/controlnet-sd21's canny model
 
 # What each shipped workflow is: its sampling passes (steps, cfg, sampler, scheduler, denoise, what feeds the
 # latent), the loader's settings and the size it generates at.
@@ -38,6 +41,9 @@ SHIPPED = {
     "chinese_sd_lora": dict(loader="ChineseSD_ModelScopeLoader", passes=TXT2IMG, size=(512, 512)),
     "chinese_sd_low_vram": dict(loader="ChineseSD_ModelScopeLoader", passes=TXT2IMG, size=(512, 512),
                                 dtypes=("fp16", "fp16", "cpu")),
+    "chinese_sd_controlnet": dict(loader="ChineseSD_ModelScopeLoader", passes=TXT2IMG, size=(512, 512)),
+    "chinese_sd_inpaint": dict(loader="ChineseSD_ModelScopeLoader", size=None,
+                               passes=[(50, 7.5, "euler", "simple", 1.0, "SetLatentNoiseMask")]),
 }
 
 
@@ -57,18 +63,34 @@ def api(name):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, fixture_root, converted):
     work = tmp_path_factory.mktemp("workflows")
-    loras = work / "loras"
+    loras, controlnets = work / "loras", work / "controlnet"
     loras.mkdir()
+    controlnets.mkdir()
     tiny_lora(str(loras / TEST_LORA))
+    tiny_controlnet(str(controlnets / TEST_CONTROLNET))
     checkpoint = converted("csd_v_bin", "fp16")["checkpoint"]
     srv = ComfyServer(COMFYUI_PATH, str(work), {"diffusers": fixture_root, "checkpoints": os.path.dirname(checkpoint),
-                                                "loras": str(loras)})
-    # img2img's picture, under the name the shipped workflow uses (ComfyUI ships an example.png of its own)
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (INPUT_SIZE[1], INPUT_SIZE[0], 3), dtype=np.uint8)).save(
-        work / "input" / "example.png")
+                                                "loras": str(loras), "controlnet": str(controlnets)})
+    # the shipped workflows' picture, under the name they use (ComfyUI ships an example.png of its own): a PNG
+    # whose transparent box is inpainting's mask (LoadImage's MASK output), and the same picture opaque (no mask)
+    picture = input_picture()
+    picture.save(work / "input" / "example.png")
+    picture.convert("RGB").save(work / "input" / "opaque.png")
+    # another picture for the ControlNet: a white square on black (its edges differ from the first one's)
+    square = np.zeros((INPUT_SIZE[1], INPUT_SIZE[0], 3), dtype=np.uint8)
+    square[12:44, 16:48] = 255
+    Image.fromarray(square).save(work / "input" / "square.png")
     with srv:
         yield srv
+
+
+def input_picture():
+    rng = np.random.default_rng(0)
+    rgba = np.concatenate([rng.integers(0, 256, (INPUT_SIZE[1], INPUT_SIZE[0], 3), dtype=np.uint8),
+                           np.full((INPUT_SIZE[1], INPUT_SIZE[0], 1), 255, dtype=np.uint8)], axis=2)
+    x0, y0, x1, y1 = MASK_BOX
+    rgba[y0:y1, x0:x1, 3] = 0
+    return Image.fromarray(rgba, "RGBA")
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +118,9 @@ def runnable(workflow, seed=None):
                 inputs["seed"] = seed
         elif kind == "LoraLoader":
             inputs["lora_name"] = TEST_LORA
+        elif kind == "ControlNetLoader":
+            assert inputs["control_net_name"] == SHIPPED_CONTROLNET
+            inputs["control_net_name"] = TEST_CONTROLNET
     return workflow
 
 
@@ -177,12 +202,19 @@ def test_shipped_settings(name):
         links = [v[0] for v in twin[node_id]["inputs"].values() if isinstance(v, list)]
         return max([samplers_before(n) + (twin[n]["class_type"] == "KSampler") for n in links], default=0)
 
+    def prompt(ref):
+        """The text of the encode node a sampler's positive/negative input comes from, through Apply ControlNet."""
+        node = twin[ref[0]]
+        if node["class_type"] == "ControlNetApplyAdvanced":
+            return prompt(node["inputs"][("positive", "negative")[ref[1]]])
+        assert node["class_type"] == "ChineseSD_CLIPTextEncode", node
+        return node["inputs"]["text"]
+
     sampler_ids = sorted(by_type(twin, "KSampler"), key=samplers_before)  # first pass first
     first = twin[sampler_ids[0]]["inputs"]
-    assert {twin[first["positive"][0]]["inputs"]["text"], twin[first["negative"][0]]["inputs"]["text"]} == \
-        {e["inputs"]["text"] for e in encoders.values()}
-    assert twin[first["negative"][0]]["inputs"]["text"] == "模糊的"  # the model card's negative prompt
-    assert re.fullmatch(r"[\u4e00-\u9fff，]+", twin[first["positive"][0]]["inputs"]["text"])
+    assert {prompt(first["positive"]), prompt(first["negative"])} == {e["inputs"]["text"] for e in encoders.values()}
+    assert prompt(first["negative"]) == "模糊的"  # the model card's negative prompt
+    assert re.fullmatch(r"[\u4e00-\u9fff，]+", prompt(first["positive"]))
     passes = []
     for sid in sampler_ids:
         s = twin[sid]["inputs"]
@@ -198,6 +230,31 @@ def test_shipped_settings(name):
         assert twin[upscale["inputs"]["samples"][0]]["class_type"] == "KSampler"
     for image in by_type(twin, "VAEEncode").values():
         assert twin[image["inputs"]["pixels"][0]]["class_type"] == "LoadImage"
+    controls = by_type(twin, "ControlNetApplyAdvanced")
+    if name == "chinese_sd_controlnet":  # stock Apply ControlNet on both prompts, Canny edges of the loaded picture
+        ((control_id, control),) = controls.items()
+        assert (first["positive"], first["negative"]) == ([control_id, 0], [control_id, 1])
+        c = control["inputs"]
+        assert (c["strength"], c["start_percent"], c["end_percent"]) == (1.0, 0.0, 1.0)
+        assert twin[c["control_net"][0]]["class_type"] == "ControlNetLoader"
+        assert twin[c["control_net"][0]]["inputs"]["control_net_name"] == SHIPPED_CONTROLNET
+        canny = twin[c["image"][0]]
+        assert canny["class_type"] == "Canny" and twin[canny["inputs"]["image"][0]]["class_type"] == "LoadImage"
+    else:
+        assert not controls
+    masks = by_type(twin, "SetLatentNoiseMask")
+    if name == "chinese_sd_inpaint":  # the picture's mask on its latent; the result pasted back into the picture
+        ((image_id, _),) = by_type(twin, "LoadImage").items()
+        ((_, mask),) = masks.items()
+        assert twin[mask["inputs"]["samples"][0]]["class_type"] == "VAEEncode"
+        assert mask["inputs"]["mask"] == [image_id, 1]
+        ((composite_id, composite),) = by_type(twin, "ImageCompositeMasked").items()
+        assert composite["inputs"]["destination"] == [image_id, 0] and composite["inputs"]["mask"] == [image_id, 1]
+        assert twin[composite["inputs"]["source"][0]]["class_type"] == "VAEDecode"
+        assert (composite["inputs"]["x"], composite["inputs"]["y"], composite["inputs"]["resize_source"]) == (0, 0, False)
+        assert [n["inputs"]["images"] for n in by_type(twin, "SaveImage").values()] == [[composite_id, 0]]
+    else:
+        assert not masks
     loras = by_type(twin, "LoraLoader")
     if name == "chinese_sd_lora":  # between the pack's loader and the sampler / both encoders
         ((lora_id, lora),) = loras.items()
@@ -214,7 +271,8 @@ def test_shipped_settings(name):
 def test_api_workflow_runs(server, name):
     workflow = runnable(api(name))
     img = png_of(server, server.run_prompt(workflow))
-    expected = {"chinese_sd_img2img": INPUT_SIZE, "chinese_sd_hires_fix": (WIDTH * 3 // 2, HEIGHT * 3 // 2)}
+    expected = {"chinese_sd_img2img": INPUT_SIZE, "chinese_sd_inpaint": INPUT_SIZE,
+                "chinese_sd_hires_fix": (WIDTH * 3 // 2, HEIGHT * 3 // 2)}
     assert img.size == expected.get(name, (WIDTH, HEIGHT))
     assert any(lo < hi for lo, hi in img.getextrema())
 
@@ -230,3 +288,67 @@ def test_lora_workflow_is_txt2img_with_the_lora_applied(server):
     on = np.asarray(png_of(server, server.run_prompt(lora)))
     assert np.abs(on.astype(int) - plain.astype(int)).max() > 0
     assert "lora key not loaded" not in server.log_text()  # every key found its weight in the pack's models
+
+
+def with_input(workflow, picture):
+    for node in by_type(workflow, "LoadImage").values():
+        node["inputs"]["image"] = picture
+    return workflow
+
+
+def test_controlnet_workflow_is_txt2img_steered_by_the_picture(server):
+    """Strength 0 is text to image (the same graph around the ControlNet); at strength 1 the tiny SD 2.1
+    ControlNet changes the picture, and a different control picture changes it differently."""
+    plain = np.asarray(png_of(server, server.run_prompt(runnable(api("chinese_sd_txt2img"), seed=3)))).astype(int)
+    workflow = runnable(api("chinese_sd_controlnet"), seed=3)
+    (control,) = by_type(workflow, "ControlNetApplyAdvanced").values()
+    control["inputs"]["strength"] = 0.0
+    off = np.asarray(png_of(server, server.run_prompt(workflow))).astype(int)
+    assert np.array_equal(off, plain)
+    control["inputs"]["strength"] = 1.0
+    on = png_of(server, server.run_prompt(workflow))
+    assert on.size == (WIDTH, HEIGHT)
+    on = np.asarray(on).astype(int)
+    assert np.abs(on - plain).mean() > 2  # the whole picture is the controlled region
+    square = np.asarray(png_of(server, server.run_prompt(with_input(workflow, "square.png")))).astype(int)
+    assert np.abs(square - on).mean() > 2
+    assert "missing controlnet keys" not in server.log_text()  # every tensor of the ControlNet found its place
+
+
+def test_inpaint_workflow_repaints_the_mask_and_keeps_the_rest(server):
+    """The transparent box of the picture (LoadImage's mask) is repainted; outside it the output is the input
+    pixel for pixel (Image Composite Masked), and a picture without a mask comes back unchanged."""
+    picture = np.asarray(input_picture().convert("RGB")).astype(int)
+    x0, y0, x1, y1 = MASK_BOX
+    inside = np.zeros(picture.shape[:2], dtype=bool)
+    inside[y0:y1, x0:x1] = True
+    out = png_of(server, server.run_prompt(runnable(api("chinese_sd_inpaint"), seed=3)))
+    assert out.size == INPUT_SIZE
+    out = np.asarray(out.convert("RGB")).astype(int)
+    assert np.abs(out - picture)[~inside].max() <= 1  # 8-bit round trip
+    assert np.abs(out - picture)[inside].mean() > 20  # repainted (the input there is noise)
+    unmasked = np.asarray(png_of(server, server.run_prompt(
+        with_input(runnable(api("chinese_sd_inpaint"), seed=3), "opaque.png"))).convert("RGB")).astype(int)
+    assert np.abs(unmasked - picture).max() <= 1
+
+
+def test_every_workflow_has_its_card_as_drawn_from_its_settings(tmp_path):
+    """The template browser's card of each workflow (workflows/<name>.jpg) is what docs/thumbnails.py draws from
+    the workflow's API twin now: titles in Chinese and English and the settings the graph has. After changing a
+    workflow, run `python docs/thumbnails.py`."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("thumbnails", os.path.join(PACK_DIR, "docs", "thumbnails.py"))
+    thumbnails = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(thumbnails)
+    names = thumbnails.main(["--out", str(tmp_path)])
+    assert sorted(names) == sorted(SHIPPED)
+    assert sorted(f[:-4] for f in os.listdir(WORKFLOWS_DIR) if f.endswith(".jpg")) == sorted(SHIPPED)
+    for name in names:
+        with Image.open(os.path.join(WORKFLOWS_DIR, name + ".jpg")) as shipped, \
+                Image.open(tmp_path / (name + ".jpg")) as drawn:
+            assert shipped.format == "JPEG" and shipped.size == drawn.size == thumbnails.SIZE
+            diff = np.abs(np.asarray(shipped.convert("RGB")).astype(int) - np.asarray(drawn.convert("RGB")).astype(int))
+            assert diff.mean() < 0.5, f"workflows/{name}.jpg is not the card of its settings: python docs/thumbnails.py"
+        settings = " ".join(thumbnails.settings(api(name)))
+        for sampler in by_type(api(name), "KSampler").values():  # the card names the graph's sampling
+            assert f"{sampler['inputs']['steps']} 步 steps" in settings and sampler["inputs"]["sampler_name"] in settings

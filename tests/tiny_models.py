@@ -295,3 +295,50 @@ def tiny_lora(path):
         sd[f"{prefix}.lora_up.weight"] = torch.randn(out_f, 4, generator=gen) * 0.5
         sd[f"{prefix}.alpha"] = torch.tensor(4.0)
     save_file(sd, path)
+
+
+def tiny_controlnet(path):
+    """An SD 2.1 ControlNet for the tiny UNet, written to path (.safetensors).
+
+    Made as SD 2.1 ControlNets are: diffusers' ControlNetModel.from_unet on the tiny UNet (so its blocks have
+    the UNet's shapes: 64/128 channels, 64-channel heads, linear proj, cross-attention width 1024, the
+    16-32-96-256 hint encoder for a 3-channel picture), every tensor then given a random value (from_unet
+    zeroes the zero convolutions, which would make the ControlNet do nothing). It is written in the
+    single-file layout the published SD 2.1 ControlNets use (ControlNet 1.x's keys under control_model.,
+    as in control_v11p_sd21_*.safetensors): ComfyUI's ControlNet loader reads that layout by shape, whereas it
+    recognises diffusers-layout ControlNets only among the full sizes of its table."""
+    import comfy.utils
+    from diffusers import ControlNetModel
+    from safetensors.torch import save_file
+    torch.manual_seed(7)
+    controlnet = ControlNetModel.from_unet(_unet(UNET_CONFIG), conditioning_channels=3).eval()
+    with torch.no_grad():
+        for name, p in controlnet.named_parameters():  # the hint encoder strong enough for the picture to matter
+            p.add_(torch.randn_like(p) * (0.3 if name.startswith("controlnet_cond_embedding.") else 0.05))
+    sd = controlnet.state_dict()
+    # ComfyUI's UNetModel config of the tiny UNet's input and middle blocks (its output blocks are not in a ControlNet)
+    blocks = len(UNET_CONFIG["block_out_channels"])
+    config = {"num_res_blocks": [UNET_CONFIG["layers_per_block"]] * blocks,
+              "channel_mult": [c // UNET_CONFIG["block_out_channels"][0] for c in UNET_CONFIG["block_out_channels"]],
+              "transformer_depth": [int(t.startswith("CrossAttn")) for t in UNET_CONFIG["down_block_types"]
+                                    for _ in range(UNET_CONFIG["layers_per_block"])],
+              "transformer_depth_output": [0] * (blocks * (UNET_CONFIG["layers_per_block"] + 1)),
+              "transformer_depth_middle": 1}
+    keys = comfy.utils.unet_to_diffusers(config)  # diffusers UNet key -> LDM key
+    keys["controlnet_mid_block.weight"], keys["controlnet_mid_block.bias"] = "middle_block_out.0.weight", "middle_block_out.0.bias"
+    n = 0
+    while f"controlnet_down_blocks.{n}.weight" in sd:
+        for s in ("weight", "bias"):
+            keys[f"controlnet_down_blocks.{n}.{s}"] = f"zero_convs.{n}.0.{s}"
+        n += 1
+    hint = ["controlnet_cond_embedding.conv_in"]
+    while f"controlnet_cond_embedding.blocks.{len(hint) - 1}.weight" in sd:
+        hint.append(f"controlnet_cond_embedding.blocks.{len(hint) - 1}")
+    hint.append("controlnet_cond_embedding.conv_out")
+    for i, name in enumerate(hint):  # the hint encoder's convolutions with SiLUs between them
+        for s in ("weight", "bias"):
+            keys[f"{name}.{s}"] = f"input_hint_block.{2 * i}.{s}"
+    missing = sorted(k for k in sd if k not in keys)
+    assert not missing, missing[:5]
+    save_file({"control_model." + keys[k]: v.contiguous() for k, v in sd.items()}, path)
+    return path
