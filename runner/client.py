@@ -1,0 +1,207 @@
+"""The one websocket follower of a ComfyUI server (aiohttp, which every ComfyUI environment has).
+
+It connects as the frontend does, with a client id; prompts it queues report to it. Every JSON message, and
+every TEXT event a node shows (as {"type": "text", "data": {"node": ..., "text": ...}}), is kept in order in
+.messages; next()/wait_for() block until the message wanted has arrived, and raise ServerDied when the socket
+closes or the server exits first.
+"""
+
+import json
+import struct
+import threading
+import time
+import uuid
+
+from .process import ServerDied
+
+TERMINAL_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
+TEXT_EVENT = 3  # ComfyUI's binary TEXT event: node id length, node id, text
+
+
+class PromptRejected(Exception):
+    """POST /prompt answered an error; .status and .body hold ComfyUI's answer."""
+
+    def __init__(self, status, body):
+        super().__init__(f"prompt rejected ({status}): {body}")
+        self.status, self.body = status, body
+
+
+def parse_text_event(data):
+    """(node id, text) of a binary websocket message if it is ComfyUI's TEXT event, else None."""
+    if len(data) < 8:
+        return None
+    (event,) = struct.unpack(">I", data[:4])
+    if event != TEXT_EVENT:
+        return None
+    (n,) = struct.unpack(">I", data[4:8])
+    return data[8:8 + n].decode("utf-8", errors="replace"), data[8 + n:].decode("utf-8", errors="replace")
+
+
+def is_prompt_done(message, prompt_id):
+    """The server's last word about a prompt, sent once its history entry is written: executing node None."""
+    data = message.get("data")
+    return message.get("type") == "executing" and isinstance(data, dict) and data.get("node") is None and \
+        data.get("prompt_id") == prompt_id
+
+
+def describe_rejection(body):
+    """One line from a /prompt error answer."""
+    parts = []
+    for node_id, node in (body.get("node_errors") or {}).items():
+        for err in node.get("errors", []):
+            parts.append(f"node {node_id} ({node.get('class_type')}): {err.get('message')}: {err.get('details')}")
+    error = body.get("error") or {}
+    if not isinstance(error, dict):
+        error = {"message": str(error)}
+    return "; ".join(parts) or f"{error.get('message', 'rejected')}: {error.get('details', '')}".rstrip(": ")
+
+
+class Follower:
+    """A websocket client of a ComfyUI server (a runner.process.ComfyProcess or anything with .url, .proc,
+    .post_json and .log_tail). Use as a context manager."""
+
+    def __init__(self, server, connect_timeout=60):
+        import asyncio
+
+        self.server = server
+        self.client_id = uuid.uuid4().hex
+        self.messages = []
+        self._closed = None  # why the socket stopped, once it has
+        self._cond = threading.Condition()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._ws = self._session = self._reader = None
+        try:
+            asyncio.run_coroutine_threadsafe(self._connect(connect_timeout), self._loop).result(connect_timeout + 5)
+        except BaseException:
+            self.close()
+            raise
+
+    async def _connect(self, timeout):
+        import asyncio
+
+        import aiohttp
+
+        self._session = aiohttp.ClientSession()
+        url = "ws" + self.server.url[len("http"):] + f"/ws?clientId={self.client_id}"
+        self._ws = await self._session.ws_connect(url, max_msg_size=0)
+        # the server greets a socket once it has registered it: only then can nothing be missed
+        while True:
+            msg = await self._ws.receive(timeout=timeout)
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                raise ServerDied(f"the websocket closed before ComfyUI greeted it ({msg.type})")
+            data = json.loads(msg.data)
+            self._append(data)
+            if data.get("type") == "status":
+                break
+        self._reader = asyncio.ensure_future(self._read())
+
+    def _append(self, message):
+        with self._cond:
+            self.messages.append(message)
+            self._cond.notify_all()
+
+    async def _read(self):
+        import aiohttp
+
+        try:
+            async for msg in self._ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    self._append(json.loads(msg.data))
+                elif msg.type == aiohttp.WSMsgType.BINARY:
+                    text = parse_text_event(msg.data)
+                    if text is not None:
+                        self._append({"type": "text", "data": {"node": text[0], "text": text[1]}})
+            reason = "the websocket closed"
+        except Exception as e:  # noqa: BLE001  (reported to whoever waits)
+            reason = f"the websocket failed: {e!r}"
+        with self._cond:
+            self._closed = reason
+            self._cond.notify_all()
+
+    # -- prompts
+
+    def queue_prompt(self, workflow):
+        """POST a workflow with this socket's client id; returns its prompt id (PromptRejected if refused)."""
+        status, body = self.server.post_json("/prompt", {"prompt": workflow, "client_id": self.client_id})
+        if status != 200:
+            raise PromptRejected(status, body)
+        return body["prompt_id"]
+
+    def next(self, i, timeout=None):
+        """Message number i (0 = the first kept), waiting up to timeout seconds (None: as long as it takes)."""
+        deadline = None if timeout is None else time.time() + timeout
+        with self._cond:
+            while i >= len(self.messages):
+                if self._closed:
+                    if self.server.proc.poll() is None:  # the socket went first: give the exit a moment
+                        self._cond.wait(2)
+                    if self.server.proc.poll() is not None:
+                        raise self.server.died("while followed")
+                    raise ServerDied(self._closed)
+                if self.server.proc.poll() is not None:
+                    raise self.server.died("while followed")
+                left = None if deadline is None else deadline - time.time()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"no message in {timeout} s; last messages: {self.messages[-5:]}\n"
+                                       f"{self.server.log_tail()}")
+                self._cond.wait(1.0 if left is None else min(left, 1.0))  # the timeout only re-checks the server
+            return self.messages[i]
+
+    def wait_for(self, predicate, timeout=300, start=0):
+        """The first message (from index start on) for which predicate(message) is true; waits for it."""
+        deadline = time.time() + timeout
+        i = start
+        while True:
+            message = self.next(i, max(0.0, deadline - time.time()))
+            if predicate(message):
+                return message
+            i += 1
+
+    def wait_finished(self, prompt_id, timeout=300):
+        """The message that ended the prompt (one of TERMINAL_EVENTS), once its history entry is written too."""
+        end = self.wait_for(lambda m: m.get("type") in TERMINAL_EVENTS and
+                            (m.get("data") or {}).get("prompt_id") == prompt_id, timeout)
+        self.wait_for(lambda m: is_prompt_done(m, prompt_id), timeout)
+        return end
+
+    def messages_of(self, prompt_id, type=None):
+        """The JSON messages about one prompt so far (optionally only those of one type)."""
+        with self._cond:
+            return [m for m in self.messages if isinstance(m.get("data"), dict) and
+                    m["data"].get("prompt_id") == prompt_id and (type is None or m["type"] == type)]
+
+    def run(self, workflow, timeout=300):
+        """Queue a workflow and wait for it to end; returns (history entry, the messages about it)."""
+        prompt_id = self.queue_prompt(workflow)
+        self.wait_finished(prompt_id, timeout)
+        return self.server.get_json(f"/history/{prompt_id}")[prompt_id], self.messages_of(prompt_id)
+
+    def close(self):
+        import asyncio
+
+        async def shut():
+            if self._ws is not None:
+                await self._ws.close()
+            if self._reader is not None:
+                await self._reader
+            if self._session is not None:
+                await self._session.close()
+
+        if self._thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(shut(), self._loop).result(30)
+            except Exception:  # noqa: BLE001,S110  (closing a socket to a server that is gone)
+                pass
+            finally:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(30)
+        if not self._loop.is_running():
+            self._loop.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
