@@ -10,7 +10,7 @@ from .weights import describe_keys, only_tensors, read_keys, read_metadata, read
 
 
 def load_checkpoint(path, prediction="auto", unet_dtype=None, clip_dtype=None, clip_device=None,
-                    embedding_directory=None):
+                    embedding_directory=None, unet_options=None):
     path = os.fspath(path)
     meta = read_metadata(path)
     expected = "an all-in-one Chinese SD checkpoint written by this pack's converter (python -m loaders.convert)"
@@ -38,7 +38,8 @@ def load_checkpoint(path, prediction="auto", unet_dtype=None, clip_dtype=None, c
     unet_file = unet_layout.UNetFile(unet_sd, unet_config, unet_meta["heads"], path, unet_meta, None)
     del unet_sd
     prediction, settings = unet_layout.resolve_sampling(unet_file, None, prediction)
-    model = unet.build_model(unet_file, prediction, settings, dtype=unet_dtype, latent_scale=unet_meta["latent_scale"])
+    model = unet.build_model(unet_file, prediction, settings, unet_options, dtype=unet_dtype,
+                             latent_scale=unet_meta["latent_scale"])
     del unet_file
 
     tower = text_tower.tower_from(_read_part(path, TEXT_PREFIX), text_meta, path)

@@ -4,17 +4,24 @@ The default recipe is ModelScope's Chinese Stable Diffusion pipeline: BERT WordP
 Chinese-CLIP's vocab, [CLS] ... [SEP] padded with [PAD] to 52 tokens, attention mask over the real
 tokens, conditioning = last_hidden_state at every position (no pooler, no projection). Stock
 diffusers pipelines with a BERT text encoder pad to the tokenizer's model_max_length instead, and
-mask only when the text config asks for it (see text_tower.Recipe).
+mask only when the text config asks for it (see recipe.Recipe).
+
+Long prompts cost what they keep: truncate mode tokenizes the prompt only as far as the first window and a
+bounded count need (COUNT_WINDOWS), chunk mode as far as MAX_WINDOWS windows, beyond which it refuses. The prompt
+is cut only where the tokens before the cut cannot depend on what follows (see `safe_cut`), so ComfyUI's
+weighting syntax and embeddings work as on the whole prompt; a count made on part of a prompt is a lower bound.
 """
 
+import json
 import logging
 import math
 import os
 import re
 import tempfile
+import unicodedata
 
 import torch
-from transformers import BertTokenizer
+from transformers import BertTokenizerFast  # the Rust `tokenizers` backend, under transformers 4 and 5 alike
 
 import comfy.sd
 import comfy.utils
@@ -22,15 +29,21 @@ from comfy import sd1_clip
 from comfy.supported_models_base import ClipTarget
 from comfy.text_encoders.bert import BertModel
 
+from . import recipe as recipes
 from .errors import ModelLoadError, PromptError
-from .text_tower import MODELSCOPE
-from .tokenizer_files import SHIPPED_FOLDER
+from .recipe import MODELSCOPE
+from .tokenizer_files import CONFIG, SHIPPED_FOLDER
 
 log = logging.getLogger(__name__)
 
-NAME = "chinese_clip"
+NAME = recipes.KEY
 LONG_PROMPT_OPTION = f"{NAME}_long_prompt"
 LONG_PROMPT_MODES = ("truncate", "chunk")
+# tokenizer option: a dict the tokenizer fills with what it tokenized ({"windows": every window it made, with
+# [CLS]/[SEP]/[PAD]; "limited": True when it stopped before the prompt's end}) for the count shown on the node
+REPORT_OPTION = f"{NAME}_report"
+MAX_WINDOWS = 32     # chunk mode: at most this many windows (1,600 tokens for ModelScope's recipe); more is refused
+COUNT_WINDOWS = 20   # truncate mode: tokens are counted for this many windows; beyond that the count is a lower bound
 # Prompt weights: ComfyUI multiplies by 1.1 per pair of parentheses and reads (word:w); a weight beyond
 # this, or not a finite number, is refused rather than turned into inf/NaN conditioning.
 MAX_WEIGHT = 100.0
@@ -61,34 +74,110 @@ class ChineseCLIPTokenizer(sd1_clip.SDTokenizer):
                 embedding_directory=embedding_directory,
                 embedding_size=tokenizer_data.get(f"{NAME}_embedding_size", 1024),
                 embedding_key=NAME,
-                tokenizer_class=BertTokenizer,
+                tokenizer_class=BertTokenizerFast,
                 pad_to_max_length=True,
                 tokenizer_data=tokenizer_data,
             )
         self.pad_token = self.tokenizer.pad_token_id
         self.recipe = tokenizer_data.get(f"{NAME}_recipe", MODELSCOPE.describe())
+        settings = files.get(CONFIG) if files else None  # a word boundary before each CJK character?
+        self.split_chinese = bool(json.loads(settings).get("tokenize_chinese_chars", True)) if settings else True
 
     def tokenize_with_weights(self, text, return_word_ids=False, tokenizer_options={}, **kwargs):
-        text = _DROPPED.sub("", text)
-        check_nesting(text)
-        try:
-            windows = super().tokenize_with_weights(text, return_word_ids, tokenizer_options=tokenizer_options,
-                                                    **kwargs)
-        except IndexError:  # ComfyUI's tokenizer fails so on "embedding:" followed by no name
-            if "embedding:" not in text:
-                raise
-            raise PromptError("The prompt has 'embedding:' with no embedding name after it; write "
-                              "embedding:<file name> or remove it.") from None
-        check_weights(windows)
         mode = tokenizer_options.get(LONG_PROMPT_OPTION, "truncate")
-        if mode == "truncate" and len(windows) > 1:
-            special = {self.start_token, self.end_token, self.pad_token}
-            dropped = sum(1 for w in windows[1:] for t in w if not (isinstance(t[0], int) and t[0] in special))
-            log.warning("Chinese-CLIP prompt is longer than %d tokens: %d tokens were dropped (truncate mode, as "
-                        "the reference pipeline does). Choose 'chunk' on the encode node to keep them.",
-                        self.max_length, dropped)
+        windows, limited = self.tokenize_bounded(_DROPPED.sub("", text), COUNT_WINDOWS if mode != "chunk" else
+                                                 MAX_WINDOWS, tokenizer_options, **kwargs)
+        plain = [[t[:2] for t in w] for w in windows]
+        report = tokenizer_options.get(REPORT_OPTION)
+        if isinstance(report, dict):
+            report.update(windows=plain, limited=limited)
+        if mode == "chunk" and len(windows) > MAX_WINDOWS:
+            raise PromptError(f"The prompt needs {len(windows)}{' or more' if limited else ''} windows of "
+                              f"{self.max_length} tokens in chunk mode; at most {MAX_WINDOWS} windows "
+                              f"({MAX_WINDOWS * (self.max_length - 2)} prompt tokens) are encoded. Shorten the "
+                              "prompt, or choose truncate to keep only its first window.")
+        if mode != "chunk" and len(windows) > 1:
+            if not isinstance(report, dict):  # else whoever asked for the report says it
+                special = {self.start_token, self.end_token, self.pad_token}
+                dropped = sum(1 for w in windows[1:] for t in w if not (isinstance(t[0], int) and t[0] in special))
+                log.warning("Chinese-CLIP prompt is longer than %d tokens: %s%d tokens were dropped (truncate mode, "
+                            "as the reference pipeline does). Choose 'chunk' on the encode node to keep them.",
+                            self.max_length, "at least " if limited else "", dropped)
             windows = windows[:1]
-        return windows
+        return windows if return_word_ids else [[t[:2] for t in w] for w in windows]
+
+    def tokenize_bounded(self, text, settle, tokenizer_options={}, first_cut=None, **kwargs):
+        """(windows with word ids, limited): ComfyUI's tokenization of as much of text as decides its first
+        `settle` windows (or all of it), and whether that was less than the whole text. Prefixes, from about
+        first_cut characters, grow geometrically, so the work is proportional to what is kept, not to the
+        prompt's length."""
+        end = min(len(text), first_cut or max(4096, 2 * settle * self.max_length))
+        while True:
+            cut = safe_cut(text, end, self.split_chinese)
+            prefix = text[:cut]
+            check_nesting(prefix)
+            try:
+                windows = super().tokenize_with_weights(prefix, True, tokenizer_options=tokenizer_options, **kwargs)
+            except IndexError:  # ComfyUI's tokenizer fails so on "embedding:" followed by no name
+                if "embedding:" not in prefix:
+                    raise
+                raise PromptError("The prompt has 'embedding:' with no embedding name after it; write "
+                                  "embedding:<file name> or remove it.") from None
+            check_weights(windows)
+            if cut >= len(text) or settled(windows, settle, self.max_word_length):
+                return windows, cut < len(text)
+            end = 2 * cut + 1
+
+
+def settled(windows, count, max_word_length):
+    """Whether the first `count` windows of a prefix's tokenization (cut at a safe_cut) are those of the whole
+    text. The rest of the text can only extend the prefix's last tokenized group and add groups after it. ComfyUI
+    splits a group of max_word_length tokens or more across windows token by token, so then every window before
+    the last is final; a shorter group moves whole to the next window when it does not fit, so then only the
+    windows before the one it starts in are."""
+    if len(windows) <= count:
+        return False
+    last = max((t[2] for w in windows for t in w), default=0)
+    if sum(1 for w in windows for t in w if t[2] == last) >= max_word_length:
+        return len(windows) - 1 >= count
+    first = next(i for i, w in enumerate(windows) if any(t[2] == last for t in w))
+    return first >= count
+
+
+_PARENS = re.compile(r"\\[()]|[()]")  # an escaped parenthesis (plain text) or one of ComfyUI's weighting syntax
+_EMBEDDING = "embedding:"
+_NAME = re.compile(r"\s*\S*")  # what ComfyUI reads as an embedding's name after 'embedding:'
+
+
+def safe_cut(text, start, split_chinese=True):
+    """The first position >= start (else len(text)) where text can be cut without changing how ComfyUI and the
+    BERT tokenizer treat the text before it: outside every weighting group (ComfyUI's parenthesis count is 0;
+    escaped parentheses are text), before a character that always ends a word (BERT's whitespace, or a CJK
+    ideograph when the tokenizer splits them) and past the name of every 'embedding:' before it."""
+    if start >= len(text):
+        return len(text)
+    level = sum(1 if m.group() == "(" else -1 for m in _PARENS.finditer(text, 0, start) if len(m.group()) == 1)
+    at = text.rfind(_EMBEDDING, 0, start + len(_EMBEDDING) - 1)
+    blocked = _NAME.match(text, at + len(_EMBEDDING)).end() if at >= 0 else 0
+    for pos in range(start, len(text)):
+        char = text[pos]
+        if char == "e" and text.startswith(_EMBEDDING, pos):
+            blocked = max(blocked, _NAME.match(text, pos + len(_EMBEDDING)).end())
+        if level == 0 and pos >= blocked and (_is_space(char) or (split_chinese and _is_cjk(char))):
+            return pos
+        if char in "()" and not (pos and text[pos - 1] == "\\"):
+            level += 1 if char == "(" else -1
+    return len(text)
+
+
+def _is_space(char):  # whitespace to BERT (transformers and the tokenizers crate alike): it always ends a word
+    return char in " \t\n\r" or unicodedata.category(char) == "Zs"
+
+
+def _is_cjk(char):  # BERT's _is_chinese_char (the same ranges in transformers and in the tokenizers crate)
+    code = ord(char)
+    return 0x4E00 <= code <= 0x9FFF or 0x3400 <= code <= 0x4DBF or 0x20000 <= code <= 0x2A6DF or \
+        0x2A700 <= code <= 0x2CEAF or 0xF900 <= code <= 0xFAFF or 0x2F800 <= code <= 0x2FA1F
 
 
 def check_nesting(text):
@@ -157,11 +246,7 @@ def build_clip(tower, dtype=None, device=None, embedding_directory=None):
     target = ClipTarget(ChineseCLIPTokenizerSet, sd1_clip.SD1ClipModel)
     target.params = {"name": NAME, "clip_model": ChineseCLIPTextModel, "bert_config": tower.config,
                      "special_tokens": tower.special, "attention_mask": tower.recipe.attention_mask}
-    tokenizer_data = {f"{NAME}_embedding_size": tower.config["hidden_size"],
-                      f"{NAME}_max_length": tower.recipe.max_length,
-                      f"{NAME}_recipe": tower.recipe.describe()}
-    if not tower.tokenizer.shipped:
-        tokenizer_data[f"{NAME}_tokenizer_files"] = tower.tokenizer.files()
+    tokenizer_data = recipes.tokenizer_data(tower.tokenizer, tower.recipe, tower.config["hidden_size"])
     clip = comfy.sd.CLIP(target, embedding_directory=embedding_directory, tokenizer_data=tokenizer_data,
                          parameters=comfy.utils.calculate_parameters(tower.sd), model_options=model_options)
     hf_tokenizer = clip.tokenizer.chinese_clip.tokenizer

@@ -125,13 +125,13 @@ def text_entries(bert_config, recipe, tokenizer):
 
 
 def read_text_encoder(meta, path):
-    """{'config': Values, 'recipe', 'tokenizer'} from a converted file's metadata, or None for other files."""
+    """{'config': Values, 'recipe': {'name', 'max_length', 'attention_mask', 'origin'}, 'tokenizer'} from a
+    converted file's metadata (checked), or None for other files. recipe.from_metadata makes a Recipe of it."""
     if version(meta, path) is None or P + "text_encoder" not in meta:
         return None
-    from .text_tower import Recipe
     r = _object(meta, "text_recipe", path)
-    recipe = Recipe(r.choice("name", RECIPES), r.integer("max_length", lo=1, hi=10**6), r.boolean("attention_mask"),
-                    origin=(path, P + "text_recipe: max_length"))
+    recipe = {"name": r.choice("name", RECIPES), "max_length": r.integer("max_length", lo=1, hi=10**6),
+              "attention_mask": r.boolean("attention_mask"), "origin": P + "text_recipe: max_length"}
     tokenizer = None
     if P + "tokenizer" in meta:
         tokenizer = tokenizer_files.from_files(_object(meta, "tokenizer", path).data, path, P + "tokenizer: ")

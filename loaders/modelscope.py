@@ -28,8 +28,9 @@ def check_folder(folder):
 
 
 def load_folder(folder, prediction="auto", unet_dtype=None, clip_dtype=None, clip_device=None,
-                embedding_directory=None):
-    """(ModelPatcher, comfy.sd.CLIP, comfy.sd.VAE) from a ModelScope/diffusers Chinese SD folder."""
+                embedding_directory=None, unet_options=None):
+    """(ModelPatcher, comfy.sd.CLIP, comfy.sd.VAE) from a ModelScope/diffusers Chinese SD folder; unet_options:
+    the UNet's model_options (unet.build_model), unet_dtype its dtype."""
     folder = os.fspath(folder)
     check_folder(folder)
     vae_sd, vae_path, vae_config = read_vae_folder(os.path.join(folder, "vae"))
@@ -38,7 +39,7 @@ def load_folder(folder, prediction="auto", unet_dtype=None, clip_dtype=None, cli
     scheduler_config = os.path.join(folder, "scheduler", "scheduler_config.json")
     model = unet.load_unet(os.path.join(folder, "unet"), prediction=prediction, dtype=unet_dtype,
                            scheduler_config=scheduler_config if os.path.isfile(scheduler_config) else None,
-                           latent_scale=scale)
+                           latent_scale=scale, model_options=unet_options)
     tower = text_tower.read_text_encoder(os.path.join(folder, "text_encoder"))
     clip = chinese_clip.build_clip(tower, dtype=clip_dtype, device=clip_device, embedding_directory=embedding_directory)
     return model, clip, vae

@@ -8,13 +8,12 @@ training checkpoint, or a single file written by this pack's converter.
 import dataclasses
 import os
 
-from . import metadata, tokenizer_files
+from . import recipe as recipes
 from .errors import ModelLoadError, check_keys
+from .recipe import MODELSCOPE, TEXT_STEMS, Recipe, recipe_for_folder, text_encoder_class, tokenizer_folder  # noqa: F401
 from .tokenizer_files import SHIPPED_FOLDER as SHIPPED_TOKENIZER, Tokenizer  # noqa: F401  (the old name)
-from .values import Values, read_json
-from .weights import describe_keys, locate_weights, only_tensors, read_metadata, read_state_dict
+from .weights import describe_keys, only_tensors, read_state_dict
 
-TEXT_STEMS = ("model", "pytorch_model", "diffusion_pytorch_model")
 TEXT_ENCODER_CLASSES = ("ChineseCLIPTextModel", "BertModel")  # a model_index.json's text encoder we can load
 # ComfyUI's tokenizer keeps words of up to 8 tokens whole: a window needs room for one with [CLS] and [SEP]
 MIN_WINDOW = 10
@@ -30,23 +29,6 @@ _LAYER_KEYS = [f"{part}.{wb}" for part in (
     "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm") for wb in ("weight", "bias")]
 _EMBEDDING_KEYS = ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
                    "embeddings.token_type_embeddings.weight", "embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    """How prompts become conditioning: window length and whether padding is masked out of attention."""
-    name: str
-    max_length: int
-    attention_mask: bool
-    origin: tuple = dataclasses.field(default=(), compare=False)  # (file, key) the window length came from
-
-    def describe(self):
-        source = {"modelscope": "ModelScope Chinese SD pipeline", "diffusers": "diffusers StableDiffusionPipeline"}
-        mask = "attention mask" if self.attention_mask else "no attention mask"
-        return f"{source.get(self.name, self.name)}: {self.max_length} tokens, {mask}"
-
-
-MODELSCOPE = Recipe("modelscope", 52, True)
 
 
 @dataclasses.dataclass
@@ -134,86 +116,26 @@ def check_complete(sd, bert_config, path):
 
 
 # ----------------------------------------------------------------------------------------------
-# tokenizer files and recipe
-
-
-def tokenizer_folder(candidates):
-    """The first folder holding vocab.txt or tokenizer.json (None: use the vocabulary shipped with the pack)."""
-    return next((f for f in candidates if tokenizer_files.is_tokenizer_folder(f)), None)
-
-
-def text_encoder_class(model_folder):
-    """The text encoder class a model folder's model_index.json names (None if it names none)."""
-    path = os.path.join(model_folder, "model_index.json")
-    if not os.path.isfile(path):
-        return None
-    index = Values(read_json(path), path)
-    entry = index.raw("text_encoder")
-    if entry is None:
-        return None
-    if not isinstance(entry, list) or len(entry) != 2 or not all(isinstance(e, (str, type(None))) for e in entry):
-        index.fail("text_encoder", entry, '["library", "class name"], e.g. ["transformers", "ChineseCLIPTextModel"]')
-    return entry[1]
-
-
-def recipe_for_folder(model_folder, tokenizer, text_config):
-    """The encode recipe a model folder implies.
-
-    ModelScope's Chinese SD pipeline (text encoder ChineseCLIPTextModel): 52 tokens with attention mask.
-    A stock diffusers StableDiffusionPipeline (e.g. a BertModel text encoder): pad to the tokenizer's
-    model_max_length; attention mask only when the text config sets use_attention_mask.
-    """
-    if not model_folder or not os.path.isfile(os.path.join(model_folder, "model_index.json")):
-        return MODELSCOPE
-    pipeline = ""
-    conf_path = os.path.join(model_folder, "configuration.json")
-    if os.path.isfile(conf_path):
-        pipeline = Values(read_json(conf_path), conf_path).section("pipeline").text("type", default="")
-    if text_encoder_class(model_folder) == "ChineseCLIPTextModel" or "chinese-stable-diffusion" in pipeline:
-        return MODELSCOPE
-    if tokenizer.model_max_length is None:
-        raise ModelLoadError(tokenizer.source, "no model_max_length in its tokenizer_config.json",
-                             "the prompt length a stock diffusers pipeline pads to")
-    mask = text_config.boolean("use_attention_mask", default=False)
-    return Recipe("diffusers", tokenizer.model_max_length, mask,
-                  origin=(os.path.join(os.path.dirname(tokenizer.source), "tokenizer_config.json"), "model_max_length"))
-
-
-# ----------------------------------------------------------------------------------------------
 # reading a tower
 
 
 def read_text_encoder(path, tokenizer_dir=None, recipe=None):
-    """A TextTower from a text_encoder/ folder or any supported weights file."""
-    folder, weights, owns_folder = locate_weights(path, TEXT_STEMS)
-    meta = metadata.read_text_encoder(read_metadata(weights), weights)
-    if meta is not None:
-        return tower_from(read_state_dict(weights, keep=_text_tower_key), meta, weights, tokenizer_dir, recipe)
-    config_path = os.path.join(folder, "config.json")
-    config = Values(read_json(config_path) if owns_folder and os.path.isfile(config_path) else {}, config_path)
-    sd = normalize_keys(read_state_dict(weights, keep=_text_tower_key), weights)
-    bert_config = bert_config_from(sd, config, weights)
-    check_complete(sd, bert_config, weights)
-    model_folder = os.path.dirname(os.path.normpath(folder)) if owns_folder else None
-    if tokenizer_dir is None and owns_folder:
-        tokenizer_dir = tokenizer_folder([folder, os.path.join(model_folder, "tokenizer")])
-    tokenizer = tokenizer_files.read_folder(tokenizer_dir) if tokenizer_dir else tokenizer_files.shipped()
-    if recipe is None:
-        text_config = config.section("text_config") if config.has("text_config") else config
-        recipe = recipe_for_folder(model_folder, tokenizer, text_config)
-    return _tower(sd, bert_config, tokenizer, recipe, weights)
+    """A TextTower from a text_encoder/ folder or any supported weights file; the vocabulary and recipe are the
+    ones recipe.resolve finds (tokenizer_dir / recipe override them)."""
+    settings = recipes.resolve(path, tokenizer_dir, recipe)
+    sd = normalize_keys(read_state_dict(settings.weights, keep=_text_tower_key), settings.weights)
+    return _tower(sd, settings.config, settings.tokenizer, settings.recipe, settings.weights)
 
 
-def tower_from(sd, meta, path, tokenizer_dir=None, recipe=None):
+def tower_from(sd, meta, path):
     """A TextTower from tensors and the converter's metadata (metadata.read_text_encoder)."""
-    sd = normalize_keys(sd, path)
-    bert_config = bert_config_from(sd, meta["config"], path)
+    tokenizer, recipe = recipes.from_metadata(meta, path)
+    return _tower(normalize_keys(sd, path), meta["config"], tokenizer, recipe, path)
+
+
+def _tower(sd, config, tokenizer, recipe, path):
+    bert_config = bert_config_from(sd, config, path)
     check_complete(sd, bert_config, path)
-    tokenizer = tokenizer_files.read_folder(tokenizer_dir) if tokenizer_dir else meta["tokenizer"] or tokenizer_files.shipped()
-    return _tower(sd, bert_config, tokenizer, recipe or meta["recipe"], path)
-
-
-def _tower(sd, bert_config, tokenizer, recipe, path):
     vocab_size = bert_config["vocab_size"]
     if len(tokenizer.vocab) != vocab_size:
         raise ModelLoadError(tokenizer.source, f"a vocabulary of {len(tokenizer.vocab)} tokens",

@@ -4,14 +4,10 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import token_route
 from .text_encoder import ChineseCLIPLoader, ChineseCLIPTextEncode
 from .model_loaders import CheckpointLoader, ChineseUNetLoader, ModelScopeLoader
 
 NODES = [ChineseCLIPLoader, ChineseCLIPTextEncode, ChineseUNetLoader, ModelScopeLoader, CheckpointLoader]
-
-# the encode node's token counter (web/js/token_counter.js) asks this route; only a running ComfyUI has a server
-token_route.register()
 
 
 class ChineseSDExtension(ComfyExtension):

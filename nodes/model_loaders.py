@@ -23,7 +23,7 @@ class ChineseUNetLoader(io.ComfyNode):
                                        "models/diffusion_models."),
                 io.Combo.Input("prediction", options=choices.PREDICTIONS, default="auto",
                                tooltip="auto reads scheduler/scheduler_config.json (epsilon if there is none)."),
-                io.Combo.Input("weight_dtype", options=list(choices.DTYPES), default="default",
+                io.Combo.Input("weight_dtype", options=list(choices.UNET_DTYPES), default="default",
                                tooltip=choices.UNET_DTYPE_TOOLTIP),
             ],
             outputs=[io.Model.Output(tooltip=choices.MODEL_TOOLTIP)],
@@ -32,7 +32,7 @@ class ChineseUNetLoader(io.ComfyNode):
     @classmethod
     def execute(cls, unet_name, prediction="auto", weight_dtype="default") -> io.NodeOutput:
         path = choices.resolve_component(unet_name, "unet", "diffusion_models")
-        return io.NodeOutput(unet.load_unet(path, prediction=prediction, dtype=choices.DTYPES[weight_dtype]))
+        return io.NodeOutput(unet.load_unet(path, prediction=prediction, model_options=choices.UNET_DTYPES[weight_dtype]))
 
 
 class ModelScopeLoader(io.ComfyNode):
@@ -58,7 +58,7 @@ class ModelScopeLoader(io.ComfyNode):
                 text_encoder_device="default") -> io.NodeOutput:
         folder = choices.resolve_model_folder(model_folder)
         model, clip, vae = modelscope.load_folder(
-            folder, prediction=prediction, unet_dtype=choices.DTYPES[unet_dtype],
+            folder, prediction=prediction, unet_options=choices.UNET_DTYPES[unet_dtype],
             clip_dtype=choices.DTYPES[text_encoder_dtype], clip_device=choices.DEVICES[text_encoder_device],
             embedding_directory=folder_paths.get_folder_paths("embeddings"))
         return io.NodeOutput(model, clip, vae)
@@ -88,7 +88,7 @@ class CheckpointLoader(io.ComfyNode):
                 text_encoder_device="default") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
         model, clip, vae = checkpoint.load_checkpoint(
-            path, prediction=prediction, unet_dtype=choices.DTYPES[unet_dtype],
+            path, prediction=prediction, unet_options=choices.UNET_DTYPES[unet_dtype],
             clip_dtype=choices.DTYPES[text_encoder_dtype], clip_device=choices.DEVICES[text_encoder_device],
             embedding_directory=folder_paths.get_folder_paths("embeddings"))
         return io.NodeOutput(model, clip, vae)

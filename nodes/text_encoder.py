@@ -1,5 +1,6 @@
 """Chinese-CLIP text encoder loader and the encode node."""
 
+import hashlib
 import logging
 
 import folder_paths
@@ -76,36 +77,37 @@ class ChineseCLIPTextEncode(io.ComfyNode):
         if clip is None:
             raise RuntimeError("ERROR: clip input is invalid: None\n\nIf the clip is from a checkpoint loader node "
                                "your checkpoint does not contain a valid clip or text encoder model.")
-        tokens = clip.tokenize(text, tokenizer_options={chinese_clip.LONG_PROMPT_OPTION: long_prompt})
+        tokens, report = token_count.tokenize(clip.tokenize, text, long_prompt)
         recipe = chinese_clip.recipe_of(clip)
-        node_id = cls.hidden.unique_id if cls.hidden else None
-        if recipe is not None and node_id is not None:
-            show_on_node(node_id, f"recipe: {recipe}" + exact_count(clip, text, tokens, long_prompt))
+        if recipe is not None and "windows" in report:  # the pack's CLIP: its tokenizer reported what it made
+            stats = token_count.stats(report["windows"], token_count.inner_tokenizer(clip.tokenizer), long_prompt,
+                                      report["limited"])
+            if stats["dropped"]:
+                log.warning("Chinese-CLIP Text Encode: the prompt is longer than %d tokens: %s%d tokens were dropped "
+                            "(truncate mode, as the reference pipeline does). Choose 'chunk' to keep them.",
+                            stats["window"], "at least " if stats["limited"] else "", stats["dropped"])
+            node_id = cls.hidden.unique_id if cls.hidden else None
+            if node_id is not None:
+                send_encoded(encoded_event(node_id, recipe, text, stats))
         return io.NodeOutput(clip.encode_from_tokens_scheduled(tokens))
 
 
-def exact_count(clip, text, tokens, long_prompt):
-    """'\\n' + the token count line (token_count.summary) of the prompt with the CLIP's own tokenizer, or '' if it
-    cannot be counted. tokens: what clip.tokenize gave for long_prompt; truncate mode kept only the first window,
-    so the prompt is tokenized once more in chunk mode."""
-    try:
-        if long_prompt != "chunk":
-            tokens = clip.tokenize(text, tokenizer_options={chinese_clip.LONG_PROMPT_OPTION: "chunk"})
-        stats = token_count.stats(tokens[chinese_clip.NAME], token_count.inner_tokenizer(clip.tokenizer), long_prompt)
-    except Exception as e:  # noqa: BLE001  (the count is shown for information; the encode goes on)
-        log.warning("Chinese-CLIP Text Encode: could not count the prompt's tokens: %r", e)
-        return ""
-    return "\n" + token_count.summary(stats)
+ENCODED_EVENT = "chinese_sd.encoded"  # documented in nodes/token_route.py, beside the counter's route
 
 
-def show_on_node(node_id, text):
-    """Text shown on the node in the running UI (as ComfyUI's own Get Image Size does)."""
-    if node_id is None:
-        return
+def encoded_event(node_id, recipe, text, stats):
+    """The data of the ENCODED_EVENT the encode node sends after encoding."""
+    return {"node": str(node_id), "recipe": recipe,
+            "text_sha256": hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(), **stats}
+
+
+def send_encoded(data):
+    """Send the event to the client that queued the prompt (to every client when none did); nothing happens
+    outside a running ComfyUI."""
     try:
         from server import PromptServer
     except ImportError:
         return
     instance = getattr(PromptServer, "instance", None)
     if instance is not None:
-        instance.send_progress_text(text, node_id)
+        instance.send_sync(ENCODED_EVENT, data, getattr(instance, "client_id", None))

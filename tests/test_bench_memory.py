@@ -38,7 +38,13 @@ def test_checkpoint_loader_holds_one_part_at_a_time(converted, monkeypatch):
     model, clip, vae = loaders.checkpoint.load_checkpoint(paths["checkpoint"], unet_dtype=torch.float32,
                                                           clip_dtype=torch.float32)
     assert parts == [{p} for p in PREFIXES]
-    assert model is not None and clip is not None and vae is not None
+    # what each part became (load_checkpoint raises rather than return nothing: check the objects themselves)
+    weights = [p for p in model.model.diffusion_model.parameters()]
+    assert weights and {p.dtype for p in weights} == {torch.float32}
+    assert model.model.model_config.unet_config["context_dim"] == 1024
+    assert loaders.chinese_clip.recipe_of(clip) == loaders.recipe.MODELSCOPE.describe()
+    assert clip.cond_stage_model.chinese_clip.transformer.bert.embeddings.word_embeddings.weight.shape == (21128, 1024)
+    assert vae.latent_channels == 4 and sum(p.numel() for p in vae.first_stage_model.parameters()) > 10**7
 
 
 class _RecordingVAE(comfy.sd.VAE):

@@ -2,7 +2,7 @@
 characters, 100,000 characters), ComfyUI's weighting syntax with any number in it, embeddings good and bad,
 in both long_prompt modes. The encode node gives conditioning of the right shape, always finite, in time
 linear in the prompt's length, or refuses the prompt with one PromptError line when its weights are not
-finite numbers within bounds (or an embedding holds NaN)."""
+finite numbers within bounds, an embedding holds NaN, or chunk mode would need more than MAX_WINDOWS windows."""
 
 import os
 import re
@@ -57,8 +57,10 @@ def check_prompt(clip, text, mode, seconds=120):
     except PromptError as e:
         message = str(e)
         assert "\n" not in message
-        # only weights (parentheses) or a NaN embedding are reasons to refuse a prompt
-        assert "(" in text or "embedding:" in text, message
+        # only weights (parentheses), a NaN embedding or, in chunk mode, more windows than the limit are
+        # reasons to refuse a prompt
+        too_long = mode == "chunk" and f"at most {chinese_clip.MAX_WINDOWS} windows" in message
+        assert "(" in text or "embedding:" in text or too_long, message
         STATS[f"prompts ({mode})"]["refused"] += 1
         return None
     assert cond.shape == (1, REFERENCE_LENGTH * (windows if mode == "chunk" else 1), HIDDEN)

@@ -1,6 +1,8 @@
 """The encode node's token counter: POST /chinese_sd/tokens on a real ComfyUI server (what the web extension asks
-while the user types) and the exact count the node shows after a run (its progress text)."""
+while the user types), GET /chinese_sd/model_widgets, and the exact count the encode node sends after a run (the
+websocket event chinese_sd.encoded)."""
 
+import hashlib
 import json
 import os
 import threading
@@ -11,13 +13,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from comfy_server import ComfyServer, run_prompt_with_messages
+from comfy_server import ComfyServer, ComfySocket
 from conftest import COMFYUI_PATH, pack
 from reference import hf_tokenizer
 
 token_count = pack.loaders.token_count
 chinese_clip = pack.loaders.chinese_clip
 ROUTE = "/chinese_sd/tokens"
+recipe = pack.loaders.recipe
 
 # 60 distinct characters: 60 tokens, so the cut after the 50th falls at a place that says where it is
 POEMS = "春眠不觉晓处处闻啼鸟夜来风雨声花落知多少" "床前明月光疑是地上霜举头望明月低头思故乡" "白日依山尽黄河入海流欲穷千里目更上一层楼"
@@ -69,19 +72,51 @@ def server(tmp_path_factory, model_folders, converted, embeddings):
         yield srv
 
 
-@pytest.mark.parametrize("source", ["csd_eps_safetensors", "csd_v_bin", "sd1_bert", "csd_fuzz", "converted"])
-def test_the_counter_reads_the_tokenizer_the_loader_would_use(model_folders, converted, source):
-    """token_count.tokenizer_settings (small files only) picks what text_tower.read_text_encoder (which reads the
-    weights) picks: the same vocabulary, tokenizer settings and encode recipe."""
-    if source == "converted":
-        path = converted("csd_v_bin", "fp16")["text_encoder"]
-    else:
-        path = os.path.join(model_folders[source], "text_encoder")
-    tokenizer, recipe, hidden = token_count.tokenizer_settings(path)
-    tower = pack.loaders.text_tower.read_text_encoder(path)
-    assert (tokenizer.vocab, tokenizer.settings, tokenizer.shipped) == \
-        (tower.tokenizer.vocab, tower.tokenizer.settings, tower.tokenizer.shipped)
-    assert (recipe, hidden) == (tower.recipe, tower.config["hidden_size"])
+def text_encoder_sources(model_folders, converted):
+    """Every text encoder the fixtures hold: each model folder's text_encoder/ and each weights file in it, and
+    the converter's split text encoder and all-in-one checkpoint."""
+    out = []
+    for name, folder in sorted(model_folders.items()):
+        te = os.path.join(folder, "text_encoder")
+        out.append(("text_encoder", te))
+        out += [("text_encoder", os.path.join(te, f)) for f in sorted(os.listdir(te))
+                if f.endswith((".safetensors", ".bin"))]
+    for variant in ("csd_eps_safetensors", "csd_v_bin"):
+        files = converted(variant, "fp16")
+        out += [("text_encoder", files["text_encoder"]), ("checkpoint", files["checkpoint"])]
+    return out
+
+
+def test_the_counter_and_the_loader_resolve_the_same_tokenizer_for_every_fixture(model_folders, converted):
+    """The counter's tokenizer (small files only) is the loaded CLIP's: the same vocabulary, tokenizer settings,
+    encode recipe and window, for every fixture folder and file."""
+    sources = text_encoder_sources(model_folders, converted)
+    assert len(sources) >= 12
+    for kind, path in sources:
+        settings = recipe.resolve(path) if kind == "text_encoder" else recipe.resolve_checkpoint(path)
+        if kind == "text_encoder":
+            tower = pack.loaders.text_tower.read_text_encoder(path)
+        else:  # the checkpoint loader's text tower (its UNet and VAE are not needed here)
+            loaders = pack.loaders
+            meta = loaders.metadata.read_text_encoder(loaders.weights.read_metadata(path), path)
+            tower = loaders.text_tower.tower_from(loaders.checkpoint._read_part(path, loaders.metadata.TEXT_PREFIX),
+                                                  meta, path)
+        clip = pack.loaders.chinese_clip.build_clip(tower, dtype=torch.float32)
+        loaded = token_count.inner_tokenizer(clip.tokenizer)
+        counted = token_count.inner_tokenizer(token_count.tokenizer_set(settings))
+        assert (counted.max_length, counted.recipe, counted.split_chinese) == \
+            (loaded.max_length, loaded.recipe, loaded.split_chinese), path
+        assert counted.tokenizer.get_vocab() == loaded.tokenizer.get_vocab(), path
+        assert (settings.tokenizer, settings.recipe, settings.hidden or tower.config["hidden_size"]) == \
+            (tower.tokenizer, tower.recipe, tower.config["hidden_size"]), path
+        for text in (POEMS, "中国山水画 CAFÉ ＦＵＬＬ"):
+            assert token_count.count(token_count.tokenizer_set(settings), text) == \
+                token_count.stats(*_report(clip, text)), path
+
+
+def _report(clip, text):
+    _, report = token_count.tokenize(clip.tokenize, text)
+    return report["windows"], token_count.inner_tokenizer(clip.tokenizer), "truncate", report["limited"]
 
 
 def count(server, text, long_prompt="truncate", model=None, expect_status=200):
@@ -190,37 +225,45 @@ def test_a_model_that_cannot_be_read_falls_back_to_the_shipped_vocabulary(server
         assert isinstance(answer["model_error"], str) and answer["model_error"]
 
 
-HOSTILE = [
-    ("\ud800a\udfff" * 1000, None),
+HOSTILE = [  # (prompt, part of the refusal, or the number of tokens it counts)
+    ("\ud800a\udfff" * 1000, 1),  # one word of 1,000 a: WordPiece's [UNK]
     ("(x:nan)", "nan"),
     ("(中国:1e309)", "inf"),
     ("(" * 40 + "深" + ")" * 40, "nests parentheses"),
     ("猫 embedding:", "embedding:"),
-    ("\x00\x01\x02\u200b\ufeff", None),
-    ("((((", None),
-    ("\\(\\)\\\\", None),
+    ("\x00\x01\x02\u200b\ufeff", 0),
+    ("((((", 4),  # an unclosed group is text: four "(" tokens
+    ("\\(\\)\\\\", 4),  # escaped parentheses and two backslashes
 ]
 
 
 @pytest.mark.parametrize("text,refused", HOSTILE, ids=[f"hostile{i}" for i in range(len(HOSTILE))])
 def test_hostile_prompts_get_a_json_answer(server, text, refused):
     answer = count(server, text)
-    if refused:
+    if isinstance(refused, str):
         assert refused in answer["error"] and "\n" not in answer["error"]
         assert "tokens" not in answer and answer["recipe"]
     else:
-        assert "error" not in answer and answer["tokens"] >= 0
+        assert "error" not in answer and answer["tokens"] == refused, answer
 
 
-@pytest.mark.parametrize("long_prompt", ["truncate", "chunk"])
-def test_100000_characters_are_counted_within_a_bound(server, long_prompt):
+def test_100000_characters_are_counted_within_a_bound(server):
     start = time.monotonic()
-    answer = count(server, "中" * 100_000, long_prompt)
+    answer = count(server, "中" * 100_000)
     assert time.monotonic() - start < 20
     assert answer["limited"] is True and answer["chars"] == 100_000
-    assert answer["chars_counted"] == pack.nodes.token_route.MAX_CHARS
-    assert answer["tokens"] == answer["chars_counted"]
-    assert answer["dropped"] == (answer["tokens"] - 50 if long_prompt == "truncate" else 0)
+    assert answer["chars_counted"] == token_count.MAX_CHARS
+    assert 50 * pack.loaders.chinese_clip.COUNT_WINDOWS <= answer["tokens"] < answer["chars_counted"]
+    assert answer["dropped"] == answer["tokens"] - 50
+    # chunk mode: what the encode node would refuse
+    chunk = count(server, "中" * 100_000, "chunk")
+    assert f"at most {pack.loaders.chinese_clip.MAX_WINDOWS} windows" in chunk["error"]
+
+
+def test_the_loader_widget_table_is_served(server):
+    assert server.get_json("/chinese_sd/model_widgets") == pack.nodes.choices.MODEL_WIDGETS == {
+        "ChineseSD_CLIPLoader": "clip_name", "ChineseSD_ModelScopeLoader": "model_folder",
+        "ChineseSD_CheckpointLoader": "ckpt_name"}
 
 
 def test_malformed_requests_are_refused_with_json(server):
@@ -269,14 +312,32 @@ def encode_graph(clip_nodes, clip_ref, texts, long_prompt="truncate"):
 FOLDER_LOADER = {"load": {"class_type": "ChineseSD_ModelScopeLoader", "inputs": {
     "model_folder": "csd_eps_safetensors", "prediction": "auto", "unet_dtype": "default",
     "text_encoder_dtype": "fp32"}}}
-RECIPE = "recipe: ModelScope Chinese SD pipeline: 52 tokens, attention mask"
+RECIPE = "ModelScope Chinese SD pipeline: 52 tokens, attention mask"
+
+
+ENCODED = "chinese_sd.encoded"
+STATS_FIELDS = {"tokens", "window", "per_window", "windows", "capacity", "kept", "dropped", "long_prompt",
+                "cut_before", "cut_after", "limited"}
+
+
+def run_and_collect(server, graph):
+    """Run a graph on a websocket client; (history entry, {node id: [chinese_sd.encoded data]}, text events)."""
+    with ComfySocket(server) as ws:
+        entry, _ = ws.run(graph)
+        messages = list(ws.messages)
+    events = {}
+    for m in messages:
+        if m["type"] == ENCODED:
+            events.setdefault(m["data"]["node"], []).append(m["data"])
+    return entry, events, [m for m in messages if m["type"] == "text"]
 
 
 @pytest.mark.parametrize("long_prompt", ["truncate", "chunk"])
-def test_after_a_run_the_node_shows_the_exact_count(server, long_prompt):
+def test_after_a_run_the_node_sends_its_exact_count(server, long_prompt):
     texts = [POEMS, "中国山水画，远山，薄雾，水墨风格", "中国 embedding:good 山水"]
-    entry, shown = run_prompt_with_messages(server, encode_graph(FOLDER_LOADER, ["load", 1], texts, long_prompt))
+    entry, events, text_events = run_and_collect(server, encode_graph(FOLDER_LOADER, ["load", 1], texts, long_prompt))
     assert entry["status"]["status_str"] == "success", entry["status"]
+    assert text_events == []  # no progress text: it would make a box of its own on the node
     expected = {
         "truncate": ['tokens: 60 / 50, 10 dropped: kept up to "…依山尽黄河入海流", dropped from "欲穷千里目更上一…"',
                      "tokens: 16 / 50", "tokens: 7 / 50"],
@@ -284,16 +345,33 @@ def test_after_a_run_the_node_shows_the_exact_count(server, long_prompt):
     }[long_prompt]
     model = {"node": "ChineseSD_ModelScopeLoader", "value": "csd_eps_safetensors"}
     for i, (text, line) in enumerate(zip(texts, expected)):
-        assert shown[f"enc{i}"] == [f"{RECIPE}\n{line}"]
-        # what the counter estimated while typing is what the run shows
-        assert token_count.summary(count(server, text, long_prompt, model=model)) == line
+        (data,) = events[f"enc{i}"]
+        assert set(data) == {"node", "recipe", "text_sha256"} | STATS_FIELDS
+        assert data["node"] == f"enc{i}" and data["recipe"] == RECIPE
+        assert data["text_sha256"] == hashlib.sha256(text.encode("utf-8")).hexdigest()
+        assert data["long_prompt"] == long_prompt and data["limited"] is False
+        assert token_count.summary(data) == line
+        # what the counter estimated while typing is what the run counted
+        answer = count(server, text, long_prompt, model=model)
+        assert {k: answer[k] for k in STATS_FIELDS} == {k: data[k] for k in STATS_FIELDS}
+
+
+def test_after_a_run_a_huge_prompt_sends_a_lower_bound(server):
+    text = POEMS * 20_000  # 1,200,000 characters
+    entry, events, _ = run_and_collect(server, encode_graph(FOLDER_LOADER, ["load", 1], [text]))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (data,) = events["enc0"]
+    assert data["limited"] is True and data["kept"] == 50
+    assert 50 * pack.loaders.chinese_clip.COUNT_WINDOWS <= data["tokens"] < len(text)
+    assert token_count.summary(data).startswith(f"tokens: {data['tokens']}+ / 50, {data['dropped']}+ dropped")
 
 
 def test_after_a_run_the_count_uses_the_models_own_tokenizer(server):
     loader = {"clip": {"class_type": "ChineseSD_CLIPLoader", "inputs": {
         "clip_name": "own_vocab/text_encoder", "dtype": "fp32", "device": "cpu"}}}
-    entry, shown = run_prompt_with_messages(server, encode_graph(loader, ["clip", 0], ["中国山水画，猫"]))
+    entry, events, _ = run_and_collect(server, encode_graph(loader, ["clip", 0], ["中国山水画，猫"]))
     assert entry["status"]["status_str"] == "success", entry["status"]
-    assert shown["enc0"] == [f"{RECIPE}\ntokens: 3 / 50"]
+    (data,) = events["enc0"]
+    assert (data["recipe"], token_count.summary(data)) == (RECIPE, "tokens: 3 / 50")
     model = {"node": "ChineseSD_CLIPLoader", "value": "own_vocab/text_encoder"}
     assert count(server, "中国山水画，猫", model=model)["tokens"] == 3

@@ -1,0 +1,137 @@
+"""fp8 UNet weights (issue 14) through ComfyUI's own mechanism (model_options 'dtype' / 'fp8_optimizations', as
+its Load Diffusion Model passes them): the UNet loaders and the all-in-one loaders' unet_dtype store the weights
+in fp8 and sample finite images through a real server; the stored dtype took effect; other storage types are
+refused with one clear message."""
+
+import os
+import urllib.parse
+
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+
+from comfy_server import ComfyServer
+from conftest import COMFYUI_PATH, pack
+
+unet = pack.loaders.unet
+choices = pack.nodes.choices
+ModelLoadError = pack.loaders.errors.ModelLoadError
+FOLDER = "csd_eps_safetensors"
+FP8 = ("fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
+
+
+def test_the_stock_loaders_fp8_choices_are_offered_and_old_ones_kept():
+    for node, name in ((pack.nodes.ChineseUNetLoader, "weight_dtype"), (pack.nodes.ModelScopeLoader, "unet_dtype"),
+                       (pack.nodes.CheckpointLoader, "unet_dtype")):
+        (entry,) = [i for i in node.define_schema().inputs if i.id == name]
+        assert list(entry.options) == ["default", "fp32", "fp16", "bf16", *FP8], node
+    assert choices.UNET_DTYPES["fp8_e4m3fn_fast"] == {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True}
+
+
+@pytest.mark.parametrize("weight_dtype,stored", [("fp8_e4m3fn", torch.float8_e4m3fn),
+                                                 ("fp8_e4m3fn_fast", torch.float8_e4m3fn),
+                                                 ("fp8_e5m2", torch.float8_e5m2), ("fp16", torch.float16)])
+def test_the_weights_are_stored_in_the_chosen_dtype(model_folders, weight_dtype, stored):
+    patcher = unet.load_unet(os.path.join(model_folders[FOLDER], "unet"), model_options=choices.UNET_DTYPES[weight_dtype])
+    model = patcher.model
+    weights = [p for n, p in model.diffusion_model.named_parameters() if n.endswith(".weight") and p.dim() > 1]
+    assert weights and {p.dtype for p in weights} == {stored}
+    assert model.model_config.optimizations.get("fp8", False) == (weight_dtype == "fp8_e4m3fn_fast")
+    # the prediction type resolved from the scheduler config still wins over ComfyUI's guess
+    assert model.model_type == pack.loaders.unet.MODEL_TYPES["epsilon"]
+
+
+def test_custom_operations_reach_the_model(model_folders):
+    import comfy.ops
+
+    class Marked(comfy.ops.manual_cast):
+        class Linear(comfy.ops.manual_cast.Linear):
+            marked = True
+
+    patcher = unet.load_unet(os.path.join(model_folders[FOLDER], "unet"), model_options={"custom_operations": Marked})
+    linears = [m for m in patcher.model.diffusion_model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(getattr(m, "marked", False) for m in linears)
+
+
+def test_storage_types_that_cannot_work_are_refused_with_one_message(model_folders):
+    path = os.path.join(model_folders[FOLDER], "unet")
+    for options, found in (({"dtype": torch.int8}, "torch.int8"), ({"dtype": torch.float64}, "torch.float64")):
+        with pytest.raises(ModelLoadError) as e:
+            unet.load_unet(path, model_options=options)
+        assert found in str(e.value) and "fp8" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ModelLoadError, match="MPS has no fp8"):
+        unet.check_storage(torch.float8_e5m2, "mps", path)
+    unet.check_storage(torch.float8_e5m2, "cpu", path)  # what the CPU (and CUDA) store fine
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model_folders, converted):
+    work = tmp_path_factory.mktemp("comfy_fp8")
+    diffusers = work / "diffusers"
+    diffusers.mkdir()
+    os.symlink(model_folders[FOLDER], diffusers / FOLDER)
+    files = converted(FOLDER, "fp16")
+    unets, checkpoints = work / "diffusion_models", work / "checkpoints"
+    unets.mkdir()
+    checkpoints.mkdir()
+    os.link(files["unet"], unets / "csd_unet.safetensors")
+    os.link(files["checkpoint"], checkpoints / "csd.safetensors")
+    with ComfyServer(COMFYUI_PATH, str(work), {"diffusers": str(diffusers), "diffusion_models": str(unets),
+                                               "checkpoints": str(checkpoints)}) as srv:
+        yield srv
+
+
+def graph(loader, model_ref, clip_ref, vae_ref, tag):
+    return {
+        **loader,
+        "pos": {"class_type": "ChineseSD_CLIPTextEncode", "inputs": {"clip": clip_ref, "text": "中国山水画",
+                                                                     "long_prompt": "truncate"}},
+        "neg": {"class_type": "ChineseSD_CLIPTextEncode", "inputs": {"clip": clip_ref, "text": "", "long_prompt": "truncate"}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "sample": {"class_type": "KSampler", "inputs": {
+            "model": model_ref, "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
+            "seed": 7, "steps": 3, "cfg": 7.5, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "keep": {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0], "filename_prefix": f"fp8/{tag}"}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": vae_ref}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": f"fp8/{tag}"}},
+    }
+
+
+def sample(server, loader_kind, dtype):
+    """The sampled latent (from SaveLatent) and the PNG of one run."""
+    if loader_kind == "folder":
+        loader = {"load": {"class_type": "ChineseSD_ModelScopeLoader", "inputs": {
+            "model_folder": FOLDER, "prediction": "auto", "unet_dtype": dtype, "text_encoder_dtype": "fp32"}}}
+        refs = ["load", 0], ["load", 1], ["load", 2]
+    elif loader_kind == "checkpoint":
+        loader = {"load": {"class_type": "ChineseSD_CheckpointLoader", "inputs": {
+            "ckpt_name": "csd.safetensors", "prediction": "auto", "unet_dtype": dtype, "text_encoder_dtype": "fp32"}}}
+        refs = ["load", 0], ["load", 1], ["load", 2]
+    else:
+        loader = {"load": {"class_type": "ChineseSD_ModelScopeLoader", "inputs": {
+            "model_folder": FOLDER, "prediction": "auto", "unet_dtype": "fp32", "text_encoder_dtype": "fp32"}},
+            "unet": {"class_type": "ChineseSD_UNetLoader", "inputs": {
+                "unet_name": "csd_unet.safetensors", "prediction": "auto", "weight_dtype": dtype}}}
+        refs = ["unet", 0], ["load", 1], ["load", 2]
+    entry = server.run_prompt(graph(loader, *refs, tag=f"{loader_kind}_{dtype}"))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (latent_file,) = entry["outputs"]["keep"]["latents"]
+    (image_file,) = entry["outputs"]["save"]["images"]
+    fetch = lambda f: server.get("/view?" + urllib.parse.urlencode(  # noqa: E731
+        {"filename": f["filename"], "subfolder": f["subfolder"], "type": f["type"]}))
+    latent = load_safetensors(fetch(latent_file))["latent_tensor"]
+    png = fetch(image_file)
+    assert png.startswith(b"\x89PNG")
+    return latent, png
+
+
+@pytest.mark.parametrize("loader_kind", ["folder", "unet", "checkpoint"])
+def test_fp8_weights_sample_finite_images_close_to_fp32(server, loader_kind):
+    reference, _ = sample(server, loader_kind, "fp32")
+    assert reference.isfinite().all()
+    for dtype in FP8 if loader_kind == "folder" else FP8[:1]:
+        latent, _ = sample(server, loader_kind, dtype)
+        assert latent.shape == reference.shape and latent.isfinite().all(), dtype
+        difference = (latent - reference).abs().max().item()
+        # the storage type took effect (fp8 rounds the weights) and stays an approximation of the model
+        assert 0 < difference < 0.25 * reference.abs().max().item(), (dtype, difference)
