@@ -1,15 +1,22 @@
 """The UI as a user sees it: Debian's chromium, driven by Playwright, against a real ComfyUI server with the
 pack and tiny models standing in under the names the shipped workflows use.
 
-It opens each shipped workflow from the template browser (no missing node, no invalid value), runs txt2img to
-an image on the canvas, switches to 中文 and finds the pack's Chinese titles, tooltips, category and help page,
-and types a long prompt into the encode node to see the token counter and the truncation warning change.
-With CNSD_SCREENSHOTS=1 it also writes the README's screenshots (docs/images/) and the template
-thumbnails (workflows/<name>.jpg): `CNSD_SCREENSHOTS=1 bash tests/run.sh --host 0.3.52 -k browser`."""
+It opens each shipped workflow from the template browser (no missing node, no invalid value, no node over
+another, the section's name not cut); runs txt2img to an image on the canvas, sees the counters say "exact ·
+last run", then types a long prompt and sees that one turn into an estimate with the truncation warning while
+no node moves, grows or covers another and the prompt box keeps its height; checks that no text of the counter
+runs past its node, at a new node's default width, in English and Chinese (also when the model is not
+installed); switches to 中文 and finds the pack's Chinese titles, tooltips, category and help page; and reads
+every help page in the narrow Info panel without horizontal scrolling, in both languages. No page error, and
+no deprecation warning in the browser console or the server log, may come from the pack.
+With CNSD_SCREENSHOTS=1 it also writes the README's screenshots (docs/images/) from the newest host's
+frontend: `CNSD_SCREENSHOTS=1 bash tests/run.sh --host 0.33.0 tests/test_browser.py`. (The template cards,
+workflows/*.jpg, are drawn by docs/thumbnails.py.)"""
 
 import io
 import json
 import os
+import re
 import time
 
 import numpy as np
@@ -25,14 +32,28 @@ CHROMIUM = os.environ.get("CNSD_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 MODULE = "comfyui-chinese-sd"  # the pack's folder in custom_nodes/
-SECTION = "Chinese Stable Diffusion"  # the template browser's section for it (locales/en/main.json)
 WORKFLOWS = os.path.join(PACK_DIR, "workflows")
 SHIPPED = sorted(n[:-5] for n in os.listdir(WORKFLOWS) if n.endswith(".json"))
-# CNSD_SCREENSHOTS=1: write the README's screenshots (docs/images/) and the template thumbnails (workflows/*.jpg)
+# CNSD_SCREENSHOTS=1: write the README's screenshots (docs/images/)
 SCREENSHOTS = os.environ.get("CNSD_SCREENSHOTS") == "1"
 IMAGES = os.path.join(PACK_DIR, "docs", "images")
 FRONTENDS_DROPPING_CUSTOM_LOCALES = {(1, 32, 9)}
 LONG_PROMPT = "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。" * 3  # 72 characters: beyond the 50-token window
+NODE_IDS = ("ChineseSD_ModelScopeLoader", "ChineseSD_CheckpointLoader", "ChineseSD_CLIPLoader", "ChineseSD_CLIPTextEncode",
+            "ChineseSD_UNetLoader")
+# Deprecation warnings the frontend 1.49.6 prints by itself: both appear with every custom node pack disabled
+# (main.py --disable-all-custom-nodes), so they are not the pack's
+FRONTEND_OWN_DEPRECATIONS = ("legacy queue/history menu is deprecated", "ComfyApp.open_maskeditor is deprecated")
+
+
+def read_json(*parts):
+    with open(os.path.join(PACK_DIR, *parts), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def section(locale="en"):
+    """The template browser's section for the pack (locales/<locale>/main.json)."""
+    return read_json("locales", locale, "main.json")["templateWorkflows"]["category"][MODULE]
 
 
 def shipped_api(name):
@@ -99,8 +120,9 @@ def set_locale(page, locale):
 def page(browser, ui_server):
     context = browser.new_context(viewport={"width": 1440, "height": 900}, device_scale_factor=1)
     page = context.new_page()
-    errors = []
+    errors, console = [], []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: console.append((m.type, m.text)))
     page.goto(ui_server.url, wait_until="networkidle")
     wait_ready(page)
     # a first visit opens the template browser by itself: what a returning user sees starts from a closed one
@@ -109,10 +131,18 @@ def page(browser, ui_server):
         set_locale(page, "en")
     close_dialogs(page)
     page.page_errors = errors
+    page.console_messages = console
     try:
         yield page
+        assert deprecations(page) == []
     finally:
         context.close()
+
+
+def deprecations(page):
+    """Deprecation warnings in the browser console other than the frontend's own."""
+    return [f"{kind}: {text}" for kind, text in page.console_messages if "deprecat" in text.lower()
+            and not any(own in text for own in FRONTEND_OWN_DEPRECATIONS)]
 
 
 def close_dialogs(page):
@@ -165,10 +195,14 @@ def leaf_texts(page, selector="body *"):
                          " && e.offsetParent && e.textContent.trim()).map(e => e.textContent.trim())", selector)
 
 
-def open_template(page, name):
+def open_template(page, name, locale="en"):
     """Templates → Extensions → this pack → the workflow's card, as a user clicks through it."""
     page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
-    page.get_by_text(SECTION, exact=True).first.click()
+    label = page.get_by_text(section(locale), exact=True).first
+    label.wait_for(state="visible", timeout=30_000)
+    # the sidebar shows the section's whole name (the frontend cuts what does not fit with an ellipsis)
+    assert label.evaluate("e => e.scrollWidth <= e.clientWidth"), section(locale)
+    label.click()
     card = page.get_by_test_id(f"template-workflow-{name}")
     card.wait_for(state="visible", timeout=30_000)
     card.click()
@@ -201,6 +235,47 @@ def visible_warnings(page):
     return [t for t in texts if any(w in t.lower() for w in ("missing", "invalid", "not found", "缺少", "无效"))]
 
 
+def overlaps(page):
+    """Pairs of nodes whose bounding boxes (title bar included) intersect."""
+    return page.evaluate("""() => {
+        const boxes = app.graph._nodes.map(n => {
+            const b = n.getBounding ? Array.from(n.getBounding())
+                : [n.pos[0], n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT, n.size[0], n.size[1] + LiteGraph.NODE_TITLE_HEIGHT];
+            return {name: `${n.id} ${n.title}`, x: b[0], y: b[1], w: b[2], h: b[3]};
+        });
+        const out = [];
+        for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) {
+            const a = boxes[i], b = boxes[j];
+            if (a.x < b.x + b.w && b.x < a.x + a.w && a.y < b.y + b.h && b.y < a.y + a.h) out.push([a.name, b.name]);
+        }
+        return out;
+    }""")
+
+
+def overflowing_text(page):
+    """The token counters' texts that do not fit: a box whose content is wider than the box (scrollWidth >
+    clientWidth) or taller than its lines, or a counter reaching past its node's right edge."""
+    return page.evaluate("""() => {
+        const out = [];
+        const ds = app.canvas.ds, r = app.canvas.canvas.getBoundingClientRect();
+        for (const root of document.querySelectorAll('.chinese-sd-token-counter')) {
+            if (!root.offsetParent) continue;
+            for (const e of [root, ...root.querySelectorAll('*')]) {
+                if (!e.clientWidth) continue;  // inline or hidden
+                if (e.scrollWidth > e.clientWidth + 1) out.push(`${e.className}: ${e.scrollWidth} > ${e.clientWidth} px wide: ${e.textContent}`);
+                if (e.scrollHeight > e.clientHeight + 1) out.push(`${e.className}: ${e.scrollHeight} > ${e.clientHeight} px high: ${e.textContent}`);
+            }
+            const node = app.graph.getNodeById(Number(root.dataset.nodeId)) ?? app.graph.getNodeById(root.dataset.nodeId);
+            if (node) {
+                const right = r.left + ds.convertOffsetToCanvas([node.pos[0] + node.size[0], 0])[0];
+                const box = root.getBoundingClientRect();
+                if (box.right > right + 1) out.push(`counter of node ${node.id} ends at ${box.right}, its node at ${right}`);
+            }
+        }
+        return out;
+    }""")
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_workflow_opens_from_the_template_browser(page, name):
     open_template(page, name)
@@ -208,6 +283,8 @@ def test_shipped_workflow_opens_from_the_template_browser(page, name):
     assert graph_problems(page) == []
     assert visible_warnings(page) == []
     assert page.page_errors == []
+    assert overlaps(page) == []
+    assert overflowing_text(page) == []
 
 
 def set_widget(page, node_type, widget, value):
@@ -220,40 +297,121 @@ def set_widget(page, node_type, widget, value):
     }""", [node_type, widget, value])
 
 
-def test_txt2img_runs_to_an_image_on_the_canvas(page):
+COUNTER_STATE = "(id) => document.querySelector(`.chinese-sd-token-counter[data-node-id=\"${id}\"]`)?.dataset.state"
+
+
+def counter_state(page, node_id):
+    return page.evaluate(COUNTER_STATE, str(node_id))
+
+
+def wait_state(page, node_id, state, timeout=30_000):
+    page.wait_for_function(f"(id) => ({COUNTER_STATE})(id) === {json.dumps(state)}", arg=str(node_id), timeout=timeout)
+
+
+def layout(page):
+    """Every node's position and size, and the height of each prompt box and token counter."""
+    nodes = page.evaluate("""() => app.graph._nodes.map(n => ({id: n.id, pos: Array.from(n.pos), size: Array.from(n.size),
+        boxes: (n.widgets || []).filter(w => w.element).map(w => [w.name, w.element.offsetHeight])}))""")
+    return {str(n.pop("id")): n for n in nodes}  # by id: selecting a node brings it to the front of the list
+
+
+def encode_nodes(page):
+    return page.evaluate("() => app.graph._nodes.filter(n => n.type === 'ChineseSD_CLIPTextEncode')"
+                         ".map(n => [n.id, n.widgets.find(w => w.name === 'text').value])")
+
+
+def test_txt2img_runs_then_the_counter_follows_a_long_prompt_in_place(page):
+    """Run the shipped text to image, then type a long prompt into it: the counter's own line says exact after the
+    run and estimate once the prompt changed (exact again when it is back), no box is added, no node grows,
+    moves or covers another, the prompt box keeps its height and no text runs past its node, in English and in
+    Chinese."""
     open_template(page, "chinese_sd_txt2img")
     # the tiny stand-in model: a small picture in a few steps (a user changes the same widgets)
     set_widget(page, "EmptyLatentImage", "width", 64)
     set_widget(page, "EmptyLatentImage", "height", 64)
     set_widget(page, "KSampler", "steps", 3)
+    (positive, prompt), (negative, _) = encode_nodes(page)
+    assert prompt.startswith("中国山水画")
     page.get_by_test_id("queue-button").first.click()
     page.wait_for_function("""() => app.graph._nodes.some(n => n.type === 'SaveImage' && n.imgs?.length
         && n.imgs[0].complete && n.imgs[0].naturalWidth === 64)""", timeout=240_000)
-    assert page.page_errors == []
+    for node_id in (positive, negative):  # the exact count of the run, in the counter's line
+        wait_state(page, node_id, "exact")
+        assert "exact · last run" in counter(page, node_id).locator(".chinese-sd-token-line").inner_text()
+        assert "recipe: ModelScope Chinese SD pipeline" in counter(page, node_id).inner_text()
+    assert counter(page, positive).get_attribute("data-tokens") == "17"
+    assert page.evaluate("() => document.querySelectorAll('.chinese-sd-token-counter').length") == 2
+    assert overlaps(page) == [] and overflowing_text(page) == []
     if SCREENSHOTS:
         graph = graph_image(page)
         graph.thumbnail((1600, 900), Image.LANCZOS)
         graph.save(os.path.join(IMAGES, "txt2img_result.png"))
+    focus_node(page, positive)
+    before = layout(page)
+
+    type_prompt(page, positive, LONG_PROMPT)
+    page.wait_for_function("(id) => document.querySelector(`.chinese-sd-token-counter[data-node-id=\"${id}\"]`)"
+                           "?.dataset.tokens === '72'", arg=str(positive), timeout=15_000)
+    assert counter_state(page, positive) == "estimate"
+    assert "estimate" in counter(page, positive).locator(".chinese-sd-token-line").inner_text()
+    assert counter(page, positive).locator(".chinese-sd-token-warning").is_visible()
+    assert counter_state(page, negative) == "exact"  # its prompt did not change
+    page.wait_for_timeout(500)
+    assert layout(page) == before
+    assert overlaps(page) == [] and overflowing_text(page) == []
+    screenshot(page, "token_counter_warning", clip=_node_clip(page, positive))
+
+    type_prompt(page, positive, prompt)  # the prompt that ran: exact again
+    wait_state(page, positive, "exact")
+    assert counter(page, positive).get_attribute("data-tokens") == "17"
+    assert layout(page) == before
+
+    # the same in Chinese (the graph is kept across the reload, as the frontend keeps a user's open workflow)
+    set_locale(page, "zh")
+    close_dialogs(page)
+    assert sorted(n for n, _ in encode_nodes(page)) == sorted([positive, negative])
+    type_prompt(page, positive, LONG_PROMPT)
+    counter(page, positive).locator(".chinese-sd-token-warning").wait_for(state="visible", timeout=15_000)
+    assert "截断" in counter(page, positive).inner_text() and "估计" in counter(page, positive).inner_text()
+    page.wait_for_timeout(500)
+    assert {k: (n["pos"], n["size"]) for k, n in layout(page).items()} == {k: (n["pos"], n["size"]) for k, n in before.items()}
+    assert overlaps(page) == [] and overflowing_text(page) == []
+    assert page.page_errors == []
 
 
-def add_encode_node(page):
-    return page.evaluate("""() => { const n = LiteGraph.createNode('ChineseSD_CLIPTextEncode');
-        n.pos = [420, 160]; app.graph.add(n); app.canvas.setDirty(true, true); return n.id; }""")
+def add_encode_node(page, pos=(420, 160)):
+    return page.evaluate("""([x, y]) => { const n = LiteGraph.createNode('ChineseSD_CLIPTextEncode');
+        n.pos = [x, y]; app.graph.add(n); app.canvas.setDirty(true, true); return n.id; }""", list(pos))
 
 
 def counter(page, node_id):
     return page.locator(f'.chinese-sd-token-counter[data-node-id="{node_id}"]')
 
 
+def prompt_box(page, node_id):
+    """The node's prompt text box (widget.element; frontends before 1.3x call it inputEl)."""
+    handle = page.evaluate_handle("""(id) => { const w = app.graph.getNodeById(id).widgets.find(w => w.name === 'text');
+        return w.element ?? w.inputEl; }""", node_id)
+    element = handle.as_element()
+    assert element is not None, "the prompt widget has no text box"
+    return element
+
+
+def focus_node(page, node_id):
+    """The canvas at 100 % with the node near its top left, as a user zooms in to type (the frontend hides a node's
+    text boxes when the canvas is zoomed far out, e.g. a whole template fitted to the window)."""
+    page.evaluate("""(id) => { const n = app.graph.getNodeById(id), ds = app.canvas.ds;
+        ds.scale = 1; ds.offset = [260 - n.pos[0], 160 - n.pos[1]];
+        app.canvas.setDirty(true, true); app.canvas.draw(true, true); }""", node_id)
+    page.wait_for_timeout(300)
+
+
 def type_prompt(page, node_id, text):
     """Into the node's prompt box, as a user types (the counter follows the keystrokes)."""
-    box = page.evaluate("""(id) => { const n = app.graph.getNodeById(id);
-        const w = n.widgets.find(w => w.name === 'text'); return !!w.inputEl; }""", node_id)
-    assert box, "the prompt widget has no text box"
-    handle = page.evaluate_handle("(id) => app.graph.getNodeById(id).widgets.find(w => w.name === 'text').inputEl",
-                                  node_id)
-    handle.as_element().click()
-    handle.as_element().fill("")
+    focus_node(page, node_id)
+    box = prompt_box(page, node_id)
+    box.click()
+    box.fill("")
     page.keyboard.type(text, delay=5)
 
 
@@ -277,7 +435,44 @@ def test_token_counter_follows_typing_and_warns_of_truncation(page):
     # the cut: 50 tokens are two verses of 24 characters and 白日 of the third
     assert counter(page, node_id).locator(".chinese-sd-token-cut-before").inner_text().endswith("白日")
     assert counter(page, node_id).locator(".chinese-sd-token-cut-after").inner_text().startswith("依山尽")
-    screenshot(page, "token_counter_warning", clip=_node_clip(page, node_id))
+
+
+@pytest.mark.parametrize("locale", ["en", "zh"])
+def test_counter_lines_fit_a_new_node_at_its_default_width(page, locale):
+    """A new encode node at the size the frontend gives it, wired to a loader whose model is not installed: the
+    counter says so plainly, and the warning of a long prompt, chunk mode's windows and the note all fit the
+    node, without the node changing size."""
+    texts = {"en": ("model not installed: counting with the shipped vocabulary", "Truncate drops", "3 windows"),
+             "zh": ("模型未安装：用插件自带词表计数", "截断将丢弃", "3 个窗口")}[locale]
+    if locale != "en":
+        set_locale(page, locale)
+        close_dialogs(page)
+    page.evaluate("() => app.graph.clear()")
+    node_id = add_encode_node(page)
+    page.evaluate("""(id) => { const loader = LiteGraph.createNode('ChineseSD_ModelScopeLoader');
+        loader.pos = [-600, 160]; app.graph.add(loader);
+        loader.widgets.find(w => w.name === 'model_folder').value = 'a-model-that-is-not-installed';
+        loader.connect(1, app.graph.getNodeById(id), 0); }""", node_id)
+    size = page.evaluate("(id) => Array.from(app.graph.getNodeById(id).size)", node_id)
+    box = counter(page, node_id)
+    box.locator(".chinese-sd-token-info").wait_for(state="visible", timeout=15_000)
+    assert box.get_attribute("data-source") == "missing"
+    assert box.locator(".chinese-sd-token-info").inner_text() == texts[0]
+    placeholder = prompt_box(page, node_id).get_attribute("placeholder")
+    assert placeholder and placeholder != "text" and (locale == "en") != bool(re.search(r"[\u4e00-\u9fff]", placeholder))
+    assert overflowing_text(page) == []
+    type_prompt(page, node_id, LONG_PROMPT * 2)
+    box.locator(".chinese-sd-token-warning").wait_for(state="visible", timeout=15_000)
+    assert texts[1] in box.inner_text()
+    assert overflowing_text(page) == []
+    set_widget(page, "ChineseSD_CLIPTextEncode", "long_prompt", "chunk")
+    page.wait_for_function("(id) => document.querySelector(`.chinese-sd-token-counter[data-node-id=\"${id}\"]`)"
+                           "?.dataset.windows === '3'", arg=str(node_id), timeout=15_000)
+    assert texts[2] in box.locator(".chinese-sd-token-info").inner_text()
+    assert overflowing_text(page) == []
+    assert page.evaluate("(id) => Array.from(app.graph.getNodeById(id).size)", node_id) == size
+    assert overlaps(page) == []
+    screenshot(page, f"token_counter_{locale}", clip=_node_clip(page, node_id))
 
 
 def _node_clip(page, node_id, margin=20):
@@ -294,9 +489,60 @@ def frontend_version(page):
     return tuple(int(p) for p in page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__").split("."))
 
 
+def open_help(page, node_type):
+    """A new node of that type, selected, and its help page opened from the selection toolbox's help button
+    (frontend 1.25: .help-button; 1.32+: data-testid=info-button), as a user does."""
+    node_id = page.evaluate("""(t) => { app.graph.clear(); const n = LiteGraph.createNode(t); n.pos = [300, 200];
+        app.graph.add(n); app.canvas.selectNode(n); app.canvas.setDirty(true, true); return n.id; }""", node_type)
+    page.wait_for_timeout(300)
+    page.locator("[data-testid=info-button]:visible, .help-button:visible").first.click()
+    return node_id
+
+
+def help_overflow(page, heading):
+    """What scrolls sideways in the Info panel showing the help page whose first heading is heading: the panel's
+    scrolling box, or any element of the page wider than its box (tables, code, long words)."""
+    return page.evaluate("""(heading) => {
+        const h = Array.from(document.querySelectorAll('h1')).find(e => e.textContent.trim() === heading);
+        if (!h) return ['no heading ' + heading];
+        const content = h.parentElement;
+        const out = [];
+        for (const e of [content, ...content.querySelectorAll('*')])
+            if (e.clientWidth && e.scrollWidth > e.clientWidth + 1) out.push(`${e.tagName} ${e.scrollWidth} > ${e.clientWidth}: ${e.textContent.slice(0, 60)}`);
+        for (let e = content.parentElement; e && e !== document.body; e = e.parentElement) {
+            const style = getComputedStyle(e);
+            if (['auto', 'scroll'].includes(style.overflowX) && e.scrollWidth > e.clientWidth + 1)
+                out.push(`the panel scrolls sideways: ${e.scrollWidth} > ${e.clientWidth}`);
+            if (e.getBoundingClientRect().width > 600) break;  // past the panel
+        }
+        return out;
+    }""", heading)
+
+
+def first_heading(node_type, locale):
+    path = ("web", "docs", node_type, "zh.md") if locale == "zh" else ("web", "docs", node_type + ".md")
+    with open(os.path.join(PACK_DIR, *path), encoding="utf-8") as f:
+        return next(line.lstrip("# ").strip() for line in f if line.startswith("#"))
+
+
+@pytest.mark.parametrize("locale", ["en", "zh"])
+def test_help_pages_fit_the_info_panel(page, locale):
+    """Every node's help page in the Info panel at its default width: nothing scrolls sideways."""
+    if locale != "en":
+        set_locale(page, locale)
+        close_dialogs(page)
+    for node_type in NODE_IDS:
+        open_help(page, node_type)
+        heading = first_heading(node_type, locale)
+        page.wait_for_function("(t) => Array.from(document.querySelectorAll('h1')).some(e => e.textContent.trim() === t)",
+                               arg=heading, timeout=20_000)
+        page.wait_for_timeout(300)  # laid out
+        assert help_overflow(page, heading) == [], node_type
+    assert page.page_errors == []
+
+
 def test_chinese_ui(page, ui_server):
-    with open(os.path.join(PACK_DIR, "locales", "zh", "nodeDefs.json"), encoding="utf-8") as f:
-        zh = json.load(f)["ChineseSD_CLIPTextEncode"]
+    zh = read_json("locales", "zh", "nodeDefs.json")["ChineseSD_CLIPTextEncode"]
     docs = []
     page.on("response", lambda r: docs.append((r.url, r.status)) if "/docs/" in r.url else None)
     set_locale(page, "zh")
@@ -307,12 +553,15 @@ def test_chinese_ui(page, ui_server):
                          " category: n.constructor.nodeData?.category} }", node_id)
     # ComfyUI 0.3.75's own frontend (1.32.9) drops custom nodes' translations when it loads its Chinese locale
     # (fixed upstream in ComfyUI_frontend PR #7214); the help page and the token counter are the pack's own.
+    # Every other frontend, the newest host's 1.49 included, must show them.
     if frontend_version(page) not in FRONTENDS_DROPPING_CUSTOM_LOCALES:
         assert node["title"] == zh["display_name"]
         assert node["category"] == "条件/中文 Stable Diffusion"
         hover_input(page, node_id, 0)
         page.locator(".node-tooltip").wait_for(state="visible", timeout=10_000)
         assert page.locator(".node-tooltip").inner_text().strip() == zh["inputs"]["clip"]["tooltip"]
+    else:
+        assert frontend_version(page) < (1, 33)
 
     # the counter speaks Chinese
     type_prompt(page, node_id, LONG_PROMPT)
@@ -322,15 +571,21 @@ def test_chinese_ui(page, ui_server):
 
     # the help page, in Chinese, from the pack's web/docs
     page.evaluate("(id) => app.canvas.selectNode(app.graph.getNodeById(id))", node_id)
-    # the selection toolbox's help button (frontend 1.25: .help-button; 1.32: data-testid=info-button)
     page.locator("[data-testid=info-button]:visible, .help-button:visible").first.click()
     help_url = f"/extensions/{MODULE}/docs/ChineseSD_CLIPTextEncode/zh.md"
+    heading = first_heading("ChineseSD_CLIPTextEncode", "zh")
     page.wait_for_function("(t) => document.body.innerText.includes(t)", arg="ModelScope", timeout=20_000)
     assert (ui_server.url + help_url, 200) in docs
-    with open(os.path.join(PACK_DIR, "web", "docs", "ChineseSD_CLIPTextEncode", "zh.md"), encoding="utf-8") as f:
-        first_heading = next(line.lstrip("# ").strip() for line in f if line.startswith("#"))
-    assert first_heading in page.evaluate("() => document.body.innerText")
+    assert heading in page.evaluate("() => document.body.innerText")
+    page.wait_for_timeout(300)
+    assert help_overflow(page, heading) == []
     screenshot(page, "chinese_ui")
+
+
+def test_the_server_log_has_no_warning_from_the_pack(ui_server):
+    """After the browser tests above (module order): nothing the pack did made the server warn of deprecation."""
+    lines = [line for line in ui_server.log_text().splitlines() if "deprecat" in line.lower()]
+    assert [line for line in lines if "chinese" in line.lower() or MODULE in line] == []
 
 
 def hover_input(page, node_id, slot):
