@@ -88,15 +88,21 @@ def venv_python(venv):
     return os.path.join(venv, "bin", "python")
 
 
-def read_comfyui_version(folder):
-    """The version in a ComfyUI folder's comfyui_version.py (read, not executed), or None."""
+def read_assignment(path, name):
+    """The string assigned to `name` at the start of a line of a small text file (read, not executed: a
+    version in comfyui_version.py, a name in pyproject.toml), or None."""
     try:
-        with open(os.path.join(folder, "comfyui_version.py"), encoding="utf-8") as f:
-            text = f.read(10000)
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read(20000)
     except OSError:
         return None
-    m = re.search(r"""__version__\s*=\s*["']([^"']+)["']""", text)
+    m = re.search(rf"""^{re.escape(name)}\s*=\s*["']([^"']+)["']""", text, re.MULTILINE)
     return m.group(1) if m else None
+
+
+def read_comfyui_version(folder):
+    """The version in a ComfyUI folder's comfyui_version.py, or None."""
+    return read_assignment(os.path.join(folder, "comfyui_version.py"), "__version__")
 
 
 def paths(host, transformers=None, cache=None):

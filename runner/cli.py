@@ -363,7 +363,9 @@ def token_line(node, message):
     if message.get("type") == "chinese_sd.encoded":
         d = message["data"]
         if d.get("dropped"):
-            return (f"{name}: {d['tokens']} tokens, a window holds {d['per_window']}: {d['dropped']} dropped "
+            at_least = "at least " if d.get("limited") else ""
+            return (f"{name}: {at_least}{d['tokens']} tokens, a window holds {d['per_window']}: {at_least}"
+                    f"{d['dropped']} dropped "
                     f"(--long-prompt truncate): kept up to \"…{d.get('cut_before', '')}\", dropped from "
                     f"\"{d.get('cut_after', '')}…\"; --long-prompt chunk encodes them all")
         if d.get("windows", 1) > 1:

@@ -11,7 +11,7 @@ import shutil
 import sys
 
 from . import RunError
-from .bootstrap import read_comfyui_version, venv_python
+from .bootstrap import read_assignment, read_comfyui_version, venv_python
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_NAME = "chinese-stable-diffusion"  # pyproject.toml's [project] name (the registry's node id)
@@ -72,20 +72,8 @@ def installed_pack(comfyui):
         path = os.path.join(custom, name)
         if not os.path.isdir(path) or name.endswith(".disabled"):
             continue
-        if os.path.realpath(path) == here or _project_name(path) == PACK_NAME:
+        if os.path.realpath(path) == here or read_assignment(os.path.join(path, "pyproject.toml"), "name") == PACK_NAME:
             return path
-    return None
-
-
-def _project_name(folder):
-    try:
-        with open(os.path.join(folder, "pyproject.toml"), encoding="utf-8") as f:
-            text = f.read(20000)
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.replace(" ", "").startswith('name="'):
-            return line.split('"')[1]
     return None
 
 

@@ -98,6 +98,8 @@ setup_combo() {  # setup_combo HOST TRANSFORMERS -> sets $py and $comfy
     # never edits them in place) with the test-only packages on top
     venv=$cache/venv-tests-comfyui$host-transformers$tf
     stamp="tests-v3 $(cat "$base_venv/chinese-sd-bootstrap.json") | $TEST_PINS | diffusers==$diffusers | $CN_CLIP_PIN"
+    exec 9>"$cache/.tests-setup.lock"
+    flock 9  # test beds started side by side build one environment at a time
     if [ "$(cat "$venv/.cnsd-stamp" 2>/dev/null)" != "$stamp" ]; then
         rm -rf "$venv"
         log "creating $venv: a hard-linked copy of $base_venv with the test-only packages added"
@@ -122,6 +124,7 @@ setup_combo() {  # setup_combo HOST TRANSFORMERS -> sets $py and $comfy
         rm -rf "$link"
         ln -s "$pack_dir" "$link"
     fi
+    flock -u 9
 }
 
 setup_comfy_cli() {  # -> $comfy_cli: the registry's validator, kept apart from ComfyUI's dependencies

@@ -367,3 +367,48 @@ def test_serve_offers_the_demo_model_and_stops_on_signals_even_when_the_parent_i
     after = snapshot(users_comfyui)
     assert {k for k in after if k not in before} == set() and \
         {k for k, v in before.items() if after.get(k) != v} == set()
+
+
+def test_a_run_started_with_sigint_ignored_stops_on_sigint_and_leaves_nothing(users_comfyui, tmp_path):
+    """A picture being made, started as a script's background job (SIGINT ignored): Ctrl+C's signal still stops
+    the command and its ComfyUI, and the temporary folder goes."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    log = tmp_path / "run.out"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([PYTHON, os.path.join(PACK_DIR, "run.py"), PROMPT, "--comfyui", str(users_comfyui),
+                                 "--steps", "10000", "--seed", "1"], cwd=tmp_path, env=cli_env(tmp), stdout=out,
+                                stderr=subprocess.STDOUT, preexec_fn=_ignore_sigint)
+        try:
+            deadline = time.time() + 600
+            while "Sampling" not in log.read_text(encoding="utf-8", errors="replace"):
+                assert proc.poll() is None and time.time() < deadline, log.read_text(encoding="utf-8")
+                time.sleep(0.5)
+            children = [pid for pid in map(_comfyui_pid_of_parent, [proc.pid]) if pid]
+            assert children
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=10) == 128 + signal.SIGINT  # the promise: stopped within 10 s
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = log.read_text(encoding="utf-8", errors="replace")
+    assert text.strip().splitlines()[-1] == "interrupted" and "Traceback" not in text
+    assert not _alive(children[0])
+    assert not [n for n in os.listdir(tmp) if n.startswith("chinese-sd-")]
+    assert not list(tmp_path.glob("chinese_sd_*.png"))
+
+
+def _comfyui_pid_of_parent(parent):
+    """The ComfyUI main.py child of a process (found in /proc), or None."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().split(") ")[-1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and any(c.endswith(b"main.py") for c in cmd):
+            return int(pid)
+    return None
