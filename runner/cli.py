@@ -351,30 +351,22 @@ class Progress:
 
 
 PROMPT_NAMES = {POSITIVE: "prompt", NEGATIVE: "negative prompt"}
+ENCODED_EVENT = "chinese_sd.encoded"  # the encode node's count after each encode (nodes/token_route.py)
 
 
-def token_line(node, message):
-    """The line said when an encode dropped tokens or used several windows (from the encode node's
-    chinese_sd.encoded event or, where it shows only a text, its 'tokens: ...' line); None when there is nothing
-    to say."""
-    name = PROMPT_NAMES.get(node)
+def token_line(data):
+    """The line said when an encode dropped tokens or used several windows, from the encode node's
+    chinese_sd.encoded event (its counter's numbers); None when there is nothing to say."""
+    name = PROMPT_NAMES.get(data.get("node"))
     if name is None:
         return None
-    if message.get("type") == "chinese_sd.encoded":
-        d = message["data"]
-        if d.get("dropped"):
-            at_least = "at least " if d.get("limited") else ""
-            return (f"{name}: {at_least}{d['tokens']} tokens, a window holds {d['per_window']}: {at_least}"
-                    f"{d['dropped']} dropped "
-                    f"(--long-prompt truncate): kept up to \"…{d.get('cut_before', '')}\", dropped from "
-                    f"\"{d.get('cut_after', '')}…\"; --long-prompt chunk encodes them all")
-        if d.get("windows", 1) > 1:
-            return f"{name}: {d['tokens']} tokens in {d['windows']} windows of {d['per_window']} (--long-prompt chunk)"
-        return None
-    for line in message["data"]["text"].splitlines():
-        if line.startswith("tokens:") and ("dropped" in line or "windows" in line):
-            hint = "; --long-prompt chunk encodes them all" if "dropped" in line else " (--long-prompt chunk)"
-            return f"{name} {line}{hint}"
+    if data.get("dropped"):
+        at_least = "at least " if data.get("limited") else ""
+        return (f"{name}: {at_least}{data['tokens']} tokens, a window holds {data['per_window']}: {at_least}"
+                f"{data['dropped']} dropped (--long-prompt truncate): kept up to \"…{data.get('cut_before', '')}\", "
+                f"dropped from \"{data.get('cut_after', '')}…\"; --long-prompt chunk encodes them all")
+    if data.get("windows", 1) > 1:
+        return f"{name}: {data['tokens']} tokens in {data['windows']} windows of {data['per_window']} (--long-prompt chunk)"
     return None
 
 
@@ -389,20 +381,16 @@ def follow(server, workflow, steps, seen_as=None):
                 prompt_id = ws.queue_prompt(workflow)
             except PromptRejected as e:
                 raise RunError("ComfyUI refused the workflow: " + describe_rejection(e.body)) from None
-            failure, told, i = None, set(), 0
+            failure, i = None, 0
             while True:
                 message = ws.next(i)
                 i += 1
                 kind, data = message.get("type"), message.get("data") or {}
                 if isinstance(data, dict) and data.get("prompt_id") not in (None, prompt_id):
                     continue
-                if kind in ("chinese_sd.encoded", "text"):
-                    node = data.get("node")
-                    line = token_line(node, message) if node not in told else None
-                    if kind == "chinese_sd.encoded":
-                        told.add(node)  # the event says it all; a text of the same node adds nothing
+                if kind == ENCODED_EVENT:
+                    line = token_line(data)
                     if line:
-                        told.add(node)
                         say(line)
                 elif kind == "executing":
                     if data.get("node") is None and data.get("prompt_id") == prompt_id:

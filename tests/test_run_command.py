@@ -138,9 +138,11 @@ def test_long_prompt_truncation_is_said_and_chunk_mode_encodes_it_all(named_mode
     cut = run_cli([*common, "--out", str(tmp_path / "truncate.png")], tmp_path)
     assert cut.returncode == 0, cut.err
     (line,) = [x for x in cut.out.splitlines() if x.startswith("prompt") and "dropped" in x]
-    m = re.search(r"(\d+) tokens, a window holds 50: (\d+) dropped|tokens: (\d+) / 50, (\d+) dropped", line)
+    m = re.fullmatch(r'prompt: (\d+) tokens, a window holds 50: (\d+) dropped \(--long-prompt truncate\): kept up to '
+                     r'"…(.+)", dropped from "(.+)…"; --long-prompt chunk encodes them all', line)
     assert m, line
-    tokens, dropped = (int(g) for g in (m.groups()[:2] if m.group(1) else m.groups()[2:]))
+    tokens, dropped = int(m.group(1)), int(m.group(2))
+    assert set(m.group(3)) <= set(LONG_PROMPT) and set(m.group(4)) <= set(LONG_PROMPT)  # the text around the cut
     assert dropped == tokens - 50 > 100 and "kept up to" in line and "dropped from" in line
     assert "--long-prompt chunk" in line
     assert not [x for x in cut.out.splitlines() if x.startswith("negative prompt") and "dropped" in x]
@@ -240,17 +242,16 @@ def test_defaults_are_the_model_cards_with_a_model_and_quick_for_the_demo():
 
 
 def test_the_token_line_says_what_the_encode_node_counted():
-    event = {"type": "chinese_sd.encoded", "data": {"node": "2", "tokens": 63, "per_window": 50, "windows": 1,
-                                                     "dropped": 13, "cut_before": "远山", "cut_after": "云雾",
-                                                     "long_prompt": "truncate"}}
-    line = cli.token_line("2", event)
-    assert line.startswith("prompt: 63 tokens") and "13 dropped" in line and "…远山" in line and "云雾…" in line
-    assert cli.token_line("3", event).startswith("negative prompt")
-    assert cli.token_line("2", {**event, "data": {**event["data"], "dropped": 0}}) is None
-    text = {"type": "text", "data": {"node": "2", "text": "recipe: x\ntokens: 63 / 50, 13 dropped: kept up to ..."}}
-    assert cli.token_line("2", text) == "prompt tokens: 63 / 50, 13 dropped: kept up to ...; --long-prompt chunk " \
-                                        "encodes them all"
-    assert cli.token_line("2", {"type": "text", "data": {"node": "2", "text": "tokens: 3 / 50"}}) is None
+    data = {"node": "2", "tokens": 63, "per_window": 50, "windows": 1, "dropped": 13, "cut_before": "远山",
+            "cut_after": "云雾", "long_prompt": "truncate", "limited": False}
+    assert cli.token_line(data) == 'prompt: 63 tokens, a window holds 50: 13 dropped (--long-prompt truncate): ' \
+                                   'kept up to "…远山", dropped from "云雾…"; --long-prompt chunk encodes them all'
+    assert cli.token_line({**data, "node": "3"}).startswith("negative prompt: 63 tokens")
+    assert cli.token_line({**data, "limited": True}).startswith("prompt: at least 63 tokens")
+    assert cli.token_line({**data, "dropped": 0}) is None
+    assert cli.token_line({**data, "dropped": 0, "windows": 2, "long_prompt": "chunk"}) == \
+        "prompt: 63 tokens in 2 windows of 50 (--long-prompt chunk)"
+    assert cli.token_line({**data, "node": "9"}) is None  # not one of the workflow's two encodes
 
 
 def test_mistakes_are_one_clear_message_before_any_server_starts(users_comfyui, tmp_path):
