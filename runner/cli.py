@@ -232,7 +232,6 @@ def run_in(python, comfyui, argv):
 
 PROBE = r"""
 import json, sys
-sys.path.insert(0, sys.argv[1])
 import torch
 gpu = None
 if torch.cuda.is_available():
@@ -241,26 +240,69 @@ elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_
     gpu = "mps (Apple GPU)"
 elif hasattr(torch, "xpu") and torch.xpu.is_available():
     gpu = "xpu (" + torch.xpu.get_device_name(0) + ")"
-import comfy.cli_args
-comfy.cli_args.args.cpu = gpu is None
-import comfy.samplers
-print("CHINESE_SD_PROBE " + json.dumps({"device": gpu or "cpu", "cpu": gpu is None, "torch": torch.__version__,
-      "samplers": list(comfy.samplers.KSampler.SAMPLERS), "schedulers": list(comfy.samplers.KSampler.SCHEDULERS)}))
+info = {"device": gpu or "cpu", "cpu": gpu is None, "torch": torch.__version__}
+if sys.argv[2:] == ["samplers"]:  # comfy/samplers.py has an unknown shape: ask ComfyUI itself (slower)
+    sys.path.insert(0, sys.argv[1])
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = gpu is None
+    import comfy.samplers
+    info.update(samplers=list(comfy.samplers.KSampler.SAMPLERS), schedulers=list(comfy.samplers.KSampler.SCHEDULERS))
+print("CHINESE_SD_PROBE " + json.dumps(info))
 """
 
 
 def probe(comfyui, work):
-    """What this Python and ComfyUI offer: {device, cpu, torch, samplers, schedulers} (a child process, so that
-    this one never holds a GPU)."""
-    proc = subprocess.run([sys.executable, "-c", PROBE, comfyui], cwd=work, stdout=subprocess.PIPE,  # noqa: S603
-                          stderr=subprocess.STDOUT, check=False)
+    """What this Python and ComfyUI offer: {device, cpu, torch, samplers, schedulers}. torch is asked in a child
+    process (so that this one never holds a GPU); the sampler and scheduler names are read from
+    comfy/samplers.py without importing ComfyUI (seconds faster), or asked of ComfyUI where that file has
+    another shape."""
+    names = sampler_names(comfyui)
+    cmd = [sys.executable, "-c", PROBE, comfyui] + ([] if names else ["samplers"])
+    proc = subprocess.run(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)  # noqa: S603
     out = proc.stdout.decode("utf-8", errors="replace")
     for line in out.splitlines():
         if line.startswith("CHINESE_SD_PROBE "):
-            return json.loads(line[len("CHINESE_SD_PROBE "):])
+            info = json.loads(line[len("CHINESE_SD_PROBE "):])
+            if names:
+                info["samplers"], info["schedulers"] = names
+            return info
     tail = "\n".join(out.splitlines()[-15:])
     raise RunError(f"{sys.executable} cannot import torch and ComfyUI from {comfyui} (is it ComfyUI's Python? "
                    f"pass --python):\n{tail}")
+
+
+def sampler_names(comfyui):
+    """(sampler names, scheduler names) as comfy/samplers.py defines them (KSAMPLER_NAMES, SAMPLER_NAMES =
+    KSAMPLER_NAMES + [...], SCHEDULER_HANDLERS = {...} or SCHEDULER_NAMES = [...]), read without running it;
+    None where the file has another shape."""
+    import ast
+
+    try:
+        with open(os.path.join(comfyui, "comfy", "samplers.py"), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    found = {}
+    try:
+        for node in tree.body:
+            if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+                continue
+            name, value = node.targets[0].id, node.value
+            if name == "KSAMPLER_NAMES":
+                found[name] = list(ast.literal_eval(value))
+            elif name == "SAMPLER_NAMES" and isinstance(value, ast.BinOp) and isinstance(value.left, ast.Name):
+                found[name] = found[value.left.id] + list(ast.literal_eval(value.right))
+            elif name == "SCHEDULER_HANDLERS" and isinstance(value, ast.Dict):
+                found[name] = [ast.literal_eval(k) for k in value.keys]
+            elif name == "SCHEDULER_NAMES":
+                found[name] = found["SCHEDULER_HANDLERS"] if isinstance(value, ast.Call) else \
+                    list(ast.literal_eval(value))
+    except (ValueError, KeyError, TypeError):
+        return None
+    samplers, schedulers = found.get("SAMPLER_NAMES"), found.get("SCHEDULER_NAMES")
+    if not samplers or not schedulers or not all(isinstance(n, str) for n in samplers + schedulers):
+        return None
+    return samplers, schedulers
 
 
 def check_choices(info, args):

@@ -413,3 +413,13 @@ def _comfyui_pid_of_parent(parent):
         if ppid == parent and any(c.endswith(b"main.py") for c in cmd):
             return int(pid)
     return None
+
+
+def test_sampler_and_scheduler_names_are_read_as_comfyui_defines_them(tmp_path):
+    import comfy.samplers
+
+    assert cli.sampler_names(COMFYUI_PATH) == (list(comfy.samplers.KSampler.SAMPLERS),
+                                               list(comfy.samplers.KSampler.SCHEDULERS))
+    (tmp_path / "comfy").mkdir()
+    (tmp_path / "comfy" / "samplers.py").write_text("SAMPLER_NAMES = make_names()\n")
+    assert cli.sampler_names(str(tmp_path)) is None  # another shape: ComfyUI itself is asked (probe)
