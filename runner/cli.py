@@ -477,8 +477,11 @@ def start_server(comfyui, work, args, info, folders, dirs, port, listen="127.0.0
     """ComfyUI with the pack visible (a private custom_nodes entry unless it is installed there already)."""
     from .process import ComfyProcess, comfyui_args, write_extra_paths
 
-    if installed_pack(comfyui) is None:
+    installed = installed_pack(comfyui)
+    if installed is None:
         folders = {**folders, "custom_nodes": private_custom_nodes(work)}
+    elif os.path.realpath(installed) != os.path.realpath(PACK_DIR):
+        log.info("This pack is installed in that ComfyUI (%s): its nodes are used", installed)
     config = write_extra_paths(os.path.join(work, "extra_model_paths.yaml"), folders, section="chinese_sd_run")
     cmd = comfyui_args(port, listen=listen, dirs=dirs, configs=[config], cpu=info["cpu"])
     return ComfyProcess(comfyui, cmd, python=sys.executable, cwd=work,

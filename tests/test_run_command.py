@@ -199,15 +199,26 @@ def product_files():
     return out
 
 
+FORBIDDEN = (r"\bbash\b", r"/bin/sh\b", r"shell\s*=\s*True", r"os\.system\(", r"\bcp -a", r"\bln -s",
+             r"\btests[/\\]", r"\b(from|import) tests\b", r"run\.sh")
+
+
+def violations(text):
+    return [p for p in FORBIDDEN if re.search(p, text)]
+
+
 def test_no_product_file_calls_bash_or_reaches_into_tests():
     files = product_files()
     assert os.path.join(PACK_DIR, "runner", "bootstrap.py") in files and len(files) > 20
+    found = {}
     for path in files:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
-        for pattern in (r"\bbash\b", r"/bin/sh\b", r"shell\s*=\s*True", r"os\.system\(", r"\bcp -a", r"\bln -s",
-                        r"\btests[/\\.]", r"run\.sh"):
-            assert not re.search(pattern, text), f"{path}: {pattern}"
+            found[path] = violations(f.read())
+    assert {p: v for p, v in found.items() if v} == {}
+    # the check can fail: what the run command used to do is caught
+    assert violations('subprocess.run(["bash", os.path.join(PACK_DIR, "tests", "run.sh")])') == \
+        [r"\bbash\b", r"run\.sh"]
+    assert violations("from tests.comfy_server import ComfyServer") == [r"\b(from|import) tests\b"]
 
 
 def test_own_environment_demo_run_leaves_its_comfyui_unchanged(product_env, tmp_path):
