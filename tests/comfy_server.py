@@ -26,13 +26,15 @@ def _no_gpu():
 
 
 class ComfyServer(ComfyProcess):
-    def __init__(self, comfyui_path, workdir, model_paths, env=None):
-        """model_paths: {ComfyUI folder name: absolute path} added through an extra_model_paths.yaml."""
+    def __init__(self, comfyui_path, workdir, model_paths, env=None, extra_args=()):
+        """model_paths: {ComfyUI folder name: absolute path} added through an extra_model_paths.yaml;
+        extra_args: more of ComfyUI's command-line options."""
         self.workdir = workdir
         config = write_extra_paths(os.path.join(workdir, "extra_model_paths.yaml"), model_paths,
                                    section="chinese_sd_tests")
         dirs = {d: os.path.join(workdir, d) for d in ("output", "input", "temp", "user")}
-        super().__init__(comfyui_path, comfyui_args(free_port(), dirs=dirs, configs=[config], cpu=_no_gpu()),
+        args = [*comfyui_args(free_port(), dirs=dirs, configs=[config], cpu=_no_gpu()), *extra_args]
+        super().__init__(comfyui_path, args,
                          python=sys.executable, cwd=workdir, log_path=os.path.join(workdir, "server.log"), env=env)
 
     def wait_ready(self, timeout=180):
