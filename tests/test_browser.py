@@ -145,9 +145,13 @@ def deprecations(page):
             and not any(own in text for own in FRONTEND_OWN_DEPRECATIONS)]
 
 
+DIALOGS = ".p-dialog-mask, [role=dialog][data-state=open]"  # PrimeVue's dialogs (1.25, 1.3x) and reka's (1.49)
+
+
 def close_dialogs(page):
+    """Close what the frontend opened by itself (e.g. the template browser on an empty canvas after a reload)."""
     for _ in range(5):
-        if not page.locator(".p-dialog-mask").count():
+        if not page.locator(DIALOGS).count():
             return
         close = page.locator(".p-dialog-mask button:has(.pi-times), .p-dialog-mask button:has([class*='lucide--x']),"
                              " .p-dialog-mask .p-dialog-close-button").first
@@ -156,7 +160,7 @@ def close_dialogs(page):
         else:
             page.keyboard.press("Escape")
         page.wait_for_timeout(300)
-    assert not page.locator(".p-dialog-mask").count(), leaf_texts(page, ".p-dialog *")
+    assert not page.locator(DIALOGS).count(), leaf_texts(page, ".p-dialog *, [role=dialog] *")
 
 
 def screenshot(page, name, **kwargs):
@@ -270,6 +274,7 @@ def overflowing_text(page):
                 const right = r.left + ds.convertOffsetToCanvas([node.pos[0] + node.size[0], 0])[0];
                 const box = root.getBoundingClientRect();
                 if (box.right > right + 1) out.push(`counter of node ${node.id} ends at ${box.right}, its node at ${right}`);
+                if (box.width < (node.size[0] - 12) * ds.scale) out.push(`counter of node ${node.id} is ${box.width} px wide, its node ${node.size[0] * ds.scale}`);
             }
         }
         return out;
@@ -452,8 +457,16 @@ def test_counter_lines_fit_a_new_node_at_its_default_width(page, locale):
     page.evaluate("""(id) => { const loader = LiteGraph.createNode('ChineseSD_ModelScopeLoader');
         loader.pos = [-600, 160]; app.graph.add(loader);
         loader.widgets.find(w => w.name === 'model_folder').value = 'a-model-that-is-not-installed';
-        loader.connect(1, app.graph.getNodeById(id), 0); }""", node_id)
+        loader.connect(1, app.graph.getNodeById(id), 0);
+        app.canvas.selectNode(app.graph.getNodeById(id)); }""", node_id)  # selected, as a user typing into it
     size = page.evaluate("(id) => Array.from(app.graph.getNodeById(id).size)", node_id)
+    # the side panel open on the node's parameters, as after a click on the node's info button
+    page.locator("[data-testid=info-button]:visible, .help-button:visible").first.click()
+    parameters = page.get_by_role("tab", name={"en": "Parameters", "zh": "参数"}[locale])
+    if frontend_version(page) >= (1, 49):
+        parameters.click()
+        page.evaluate("(id) => { app.canvas.deselectAll?.(); app.canvas.selectNode(app.graph.getNodeById(id)); }", node_id)
+        page.wait_for_timeout(500)
     box = counter(page, node_id)
     box.locator(".chinese-sd-token-info").wait_for(state="visible", timeout=15_000)
     assert box.get_attribute("data-source") == "missing"
@@ -493,9 +506,19 @@ def open_help(page, node_type):
     """A new node of that type, selected, and its help page opened from the selection toolbox's help button
     (frontend 1.25: .help-button; 1.32+: data-testid=info-button), as a user does."""
     node_id = page.evaluate("""(t) => { app.graph.clear(); const n = LiteGraph.createNode(t); n.pos = [300, 200];
-        app.graph.add(n); app.canvas.selectNode(n); app.canvas.setDirty(true, true); return n.id; }""", node_type)
-    page.wait_for_timeout(300)
-    page.locator("[data-testid=info-button]:visible, .help-button:visible").first.click()
+        app.graph.add(n); app.canvas.setDirty(true, true); return n.id; }""", node_type)
+    page.wait_for_timeout(500)
+    close_dialogs(page)
+    button = page.locator("[data-testid=info-button]:visible, .help-button:visible").first
+    for _ in range(5):  # the toolbox shows up once the canvas has drawn the selection
+        page.evaluate("""(id) => { app.canvas.deselectAll?.(); app.canvas.selectNode(app.graph.getNodeById(id));
+            app.canvas.setDirty(true, true); app.canvas.draw(true, true); }""", node_id)
+        try:
+            button.wait_for(state="visible", timeout=5_000)
+            break
+        except Exception:  # noqa: BLE001  (playwright's TimeoutError: select again)
+            continue
+    button.click()
     return node_id
 
 
@@ -579,6 +602,7 @@ def test_chinese_ui(page, ui_server):
     assert heading in page.evaluate("() => document.body.innerText")
     page.wait_for_timeout(300)
     assert help_overflow(page, heading) == []
+    assert overflowing_text(page) == []  # the selected node's counter keeps its node's width beside the panel
     screenshot(page, "chinese_ui")
 
 

@@ -522,6 +522,13 @@ function attach(node) {
     margin: MARGIN,
   });
   widget.serialize = false;
+  // The counter has its node's width. (Selecting the node lets the frontend's side panel leave its own, narrower
+  // width on the widget, which would wrap the counter's lines until they no longer fit.)
+  try {
+    Object.defineProperty(widget, "width", { get: () => undefined, set: () => {}, configurable: true });
+  } catch (e) {
+    console.debug(EXTENSION, "width", e);
+  }
   counter.widget = widget;
   node.chineseSdTokenCounter = counter;
   counters.add(counter);
