@@ -184,8 +184,8 @@ def test_bootstrap_installs_what_generation_needs_and_nothing_test_only(product_
     check = subprocess.run([python, "-m", "pip", "check"], stdout=subprocess.PIPE)
     assert check.returncode == 0, check.stdout
     # the unmodified upstream tree: no pack linked into it, no extra_model_paths.yaml
-    assert sorted(os.listdir(os.path.join(comfyui, "custom_nodes"))) == ["example_node.py.example",
-                                                                        "websocket_image_save.py"]
+    assert sorted(set(os.listdir(os.path.join(comfyui, "custom_nodes"))) - {"__pycache__"}) == \
+        ["example_node.py.example", "websocket_image_save.py"]
     assert not os.path.exists(os.path.join(comfyui, "extra_model_paths.yaml"))
 
 
