@@ -27,6 +27,7 @@ import tarfile
 import tempfile
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 from . import RunError
@@ -255,7 +256,7 @@ def _from_archive(spec, downloads, tmp, archive):
                 tar.extractall(tmp, members=members, filter="data")
             else:
                 tar.extractall(tmp, members=members)  # noqa: S202  (names checked above, links left out)
-    except (tarfile.TarError, OSError) as e:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise RunError(f"cannot unpack {archive}: {e}") from None
     tops = [n for n in os.listdir(tmp) if os.path.isfile(os.path.join(tmp, n, "comfyui_version.py"))]
     if len(tops) != 1:
