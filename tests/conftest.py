@@ -95,3 +95,30 @@ def converted(model_folders, tmp_path_factory):
                                                                        dtype=dtype)
         return done[variant, dtype]
     return convert
+
+
+# Markers (registered in pyproject.toml), given here from what each test needs so that no module can forget them:
+#   server   starts a real ComfyUI (a fixture named *server, or the run command, which starts its own)
+#   browser  drives Debian's chromium against a real ComfyUI
+#   fuzz     hypothesis-generated hostile input
+#   slow     any of these, or a module of long model runs; `bash tests/run.sh -m "not slow"` is the quick subset
+RUNS_COMFYUI = {"test_run_command"}
+BROWSER = {"test_browser"}
+FUZZ = {"test_hostile_files", "test_hostile_prompts"}
+SLOW = {"test_end_to_end_parity", "test_convert", "test_sd1_family", "test_text_sources", "test_bench_memory"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2]
+        marks = set()
+        if module in RUNS_COMFYUI or module in BROWSER or any(n.endswith("server") for n in item.fixturenames):
+            marks.add("server")
+        if module in BROWSER:
+            marks.add("browser")
+        if module in FUZZ:
+            marks.add("fuzz")
+        if marks or module in SLOW:
+            marks.add("slow")
+        for mark in sorted(marks):
+            item.add_marker(mark)
