@@ -291,7 +291,89 @@ def first_image_case(pack, args):
     return result
 
 
-CASES = {"load": load_case, "encode": encode_case, "sample": sample_case, "first_image": first_image_case}
+# ----------------------------------------------------------------------------------------------
+# B7 tokenize only
+
+
+LINE = "一只可爱的猫咪坐在窗台上，阳光明媚，高清摄影, a cute cat on the windowsill, 8K, "  # Chinese and English
+
+
+def text_of(chars):
+    return (LINE * (chars // len(LINE) + 1))[:chars]
+
+
+def tokenize_case(pack, args):
+    """B7: CPU time of tokenizing prompts of each size: the pack's tokenizer (what the encode node runs, truncate
+    mode) vs transformers' fast tokenizer called as ModelScope's recipe calls it (truncation to 52)."""
+    import transformers
+    from transformers import BertTokenizerFast
+    fast = BertTokenizerFast.from_pretrained(pack.loaders.tokenizer_files.SHIPPED_FOLDER)
+    ours = pack.loaders.token_count.tokenizer_set()
+    option = pack.loaders.chinese_clip.LONG_PROMPT_OPTION
+    contenders = {
+        "pack": lambda t: ours.tokenize_with_weights(t, tokenizer_options={option: "truncate"}),
+        "fast": lambda t: fast(t, padding="max_length", truncation=True, max_length=52)["input_ids"],
+    }
+    out = {"transformers": transformers.__version__, "fast_class": type(fast).__name__,
+           "pack_class": type(ours.chinese_clip.tokenizer).__name__, "times": {}}
+    for chars in args["sizes"]:
+        text = text_of(chars)
+        # the same first window
+        first = [t for t, _ in contenders["pack"](text)["chinese_clip"][0]]
+        assert first == contenders["fast"](text), f"different tokens at {chars} characters"
+        repeats = max(1, min(200, int(2e5 // chars)))  # short prompts: many calls per measurement
+        times = {name: [] for name in contenders}
+        for r in range(args["rounds"] + 1):
+            for name in (list(contenders) if r % 2 else list(contenders)[::-1]):
+                fn = contenders[name]
+                cpu0 = time.process_time()
+                for _ in range(repeats):
+                    fn(text)
+                if r:
+                    times[name].append((time.process_time() - cpu0) / repeats)
+        out["times"][str(chars)] = times
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# B9 fp8 UNet
+
+
+def unet_weight_bytes(model):
+    return sum(t.numel() * t.element_size() for t in model.model.diffusion_model.state_dict().values())
+
+
+def fp8_case(pack, args):
+    """B9: the UNet's weights in fp16 and in fp8 storage (the UNet loader's weight_dtype), their memory and the
+    image each gives at the same seed (CPU: computed in fp32 either way, ComfyUI's manual cast)."""
+    import nodes as comfy_nodes
+    choices = pack.nodes.choices
+    folder = args["folder"]
+    with torch.inference_mode():
+        _, clip, vae = pack.loaders.modelscope.load_folder(folder, clip_dtype=torch.float32)
+        encode = pack.nodes.ChineseCLIPTextEncode.execute
+        positive, negative = (encode(clip=clip, text=p).args[0] for p in (PROMPT, NEGATIVE))
+    out = {"bytes": {}, "images": {}, "wall": {}}
+    images = {}
+    for name in args["dtypes"]:
+        with torch.inference_mode():
+            model = pack.loaders.unet.load_unet(os.path.join(folder, "unet"), model_options=choices.UNET_DTYPES[name])
+            out["bytes"][name] = unet_weight_bytes(model)
+            t = time.perf_counter()
+            samples = sample(model, positive, negative, args["size"], args["steps"])
+            out["wall"][name] = time.perf_counter() - t
+            images[name] = comfy_nodes.VAEDecode().decode(vae, samples)[0].float()
+        del model
+    base = images[args["dtypes"][0]]
+    for name, image in images.items():
+        out["images"][name] = {"finite": bool(torch.isfinite(image).all()),
+                               "max_abs_diff": (image - base).abs().max().item(),
+                               "mean_abs_diff": (image - base).abs().mean().item()}
+    return out
+
+
+CASES = {"load": load_case, "encode": encode_case, "sample": sample_case, "first_image": first_image_case,
+         "tokenize": tokenize_case, "fp8": fp8_case}
 
 
 def main():

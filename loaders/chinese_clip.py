@@ -12,6 +12,7 @@ is cut only where the tokens before the cut cannot depend on what follows (see `
 weighting syntax and embeddings work as on the whole prompt; a count made on part of a prompt is a lower bound.
 """
 
+import functools
 import json
 import logging
 import math
@@ -48,9 +49,80 @@ COUNT_WINDOWS = 20   # truncate mode: tokens are counted for this many windows; 
 # this, or not a finite number, is refused rather than turned into inf/NaN conditioning.
 MAX_WEIGHT = 100.0
 MAX_NESTING = 32  # parentheses nested deeper than this are refused (each level is a pass over the prompt)
-# Lone surrogates (possible in JSON strings) and NUL: the slow BERT tokenizer drops both as control
-# characters, the fast one (transformers 5) fails on surrogates, and ComfyUI uses NUL to escape "\\(".
-_DROPPED = re.compile("[\x00\ud800-\udfff]")
+
+
+@functools.lru_cache(maxsize=1)
+def _classes():
+    """Character classes from Python's Unicode database (what transformers' BertTokenizer and cn_clip use), built
+    once: (dropped, punctuation, cjk, marks) as compiled regexes.
+
+    dropped: what BertTokenizer (the reference pipeline's) removes before tokenizing: Unicode's "other" categories
+    (control, format, surrogate, private use, unassigned) but tab, newline and carriage return, and U+FFFD. The Rust
+    tokenizer keeps unassigned code points (as [UNK]) and fails on lone surrogates; ComfyUI uses NUL to escape
+    "\\(". The other three are what the Rust tokenizer's older Unicode tables (and its CJK range, which misses
+    U+2B820-U+2B91F) do not know: non-ASCII punctuation, CJK ideographs, combining marks (category Mn)."""
+    dropped, punct, cjk, marks = [], [], [], []
+    for cp in range(0x80, 0x110000):
+        char = chr(cp)
+        cat = unicodedata.category(char)
+        if cp == 0xFFFD or cat[0] == "C":
+            dropped.append(cp)
+        elif cat[0] == "P":
+            punct.append(cp)
+        elif cat == "Mn":
+            marks.append(cp)
+        if _is_cjk(char):
+            cjk.append(cp)
+    dropped += [cp for cp in range(0x80) if unicodedata.category(chr(cp))[0] == "C" and chr(cp) not in "\t\n\r"]
+    return tuple(re.compile("[" + "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in _ranges(sorted(cps))) + "]")
+                 for cps in (dropped, punct, cjk, marks))
+
+
+def _ranges(cps):
+    start = prev = None
+    for cp in cps:
+        if start is None:
+            start = prev = cp
+        elif cp == prev + 1:
+            prev = cp
+        else:
+            yield start, prev
+            start = prev = cp
+    if start is not None:
+        yield start, prev
+
+
+def clean(text):
+    """text without the characters the reference tokenizer removes (see _classes)."""
+    return _classes()[0].sub("", text)
+
+
+class ReferenceText:
+    """transformers' fast (Rust) BERT tokenizer, given each text the way transformers' BertTokenizer (the reference
+    pipeline's, and cn_clip's) sees it where the Rust tokenizer's Unicode tables differ from Python's: combining
+    marks removed after NFD when accents are stripped, spaces around non-ASCII punctuation and (when the tokenizer
+    splits them) CJK ideographs. Everything else is the fast tokenizer's own."""
+
+    def __init__(self, fast, strip_accents, split_chinese):
+        self.fast, self.strip_accents, self.split_chinese = fast, strip_accents, split_chinese
+
+    def prepare(self, text):
+        _, punct, cjk, marks = _classes()
+        if text.isascii():
+            return text
+        if self.strip_accents:
+            text = marks.sub("", unicodedata.normalize("NFD", text))
+        text = punct.sub(r" \g<0> ", text)
+        return cjk.sub(r" \g<0> ", text) if self.split_chinese else text
+
+    def __call__(self, text, *args, **kwargs):
+        return self.fast(self.prepare(text), *args, **kwargs)
+
+    def __len__(self):
+        return len(self.fast)
+
+    def __getattr__(self, name):
+        return getattr(self.fast, name)
 
 
 class ChineseCLIPTokenizer(sd1_clip.SDTokenizer):
@@ -80,13 +152,16 @@ class ChineseCLIPTokenizer(sd1_clip.SDTokenizer):
             )
         self.pad_token = self.tokenizer.pad_token_id
         self.recipe = tokenizer_data.get(f"{NAME}_recipe", MODELSCOPE.describe())
-        settings = files.get(CONFIG) if files else None  # a word boundary before each CJK character?
-        self.split_chinese = bool(json.loads(settings).get("tokenize_chinese_chars", True)) if settings else True
+        settings = json.loads(files[CONFIG]) if files and CONFIG in files else {}
+        self.split_chinese = bool(settings.get("tokenize_chinese_chars", True))  # a word boundary at each ideograph?
+        lower = bool(settings.get("do_lower_case", True))
+        strip = settings.get("strip_accents")
+        self.tokenizer = ReferenceText(self.tokenizer, lower if strip is None else bool(strip), self.split_chinese)
 
     def tokenize_with_weights(self, text, return_word_ids=False, tokenizer_options={}, **kwargs):
         mode = tokenizer_options.get(LONG_PROMPT_OPTION, "truncate")
-        windows, limited = self.tokenize_bounded(_DROPPED.sub("", text), COUNT_WINDOWS if mode != "chunk" else
-                                                 MAX_WINDOWS, tokenizer_options, **kwargs)
+        windows, limited = self.tokenize_bounded(text, COUNT_WINDOWS if mode != "chunk" else MAX_WINDOWS,
+                                                 tokenizer_options, **kwargs)
         plain = [[t[:2] for t in w] for w in windows]
         report = tokenizer_options.get(REPORT_OPTION)
         if isinstance(report, dict):
@@ -107,26 +182,30 @@ class ChineseCLIPTokenizer(sd1_clip.SDTokenizer):
         return windows if return_word_ids else [[t[:2] for t in w] for w in windows]
 
     def tokenize_bounded(self, text, settle, tokenizer_options={}, first_cut=None, **kwargs):
-        """(windows with word ids, limited): ComfyUI's tokenization of as much of text as decides its first
-        `settle` windows (or all of it), and whether that was less than the whole text. Prefixes, from about
-        first_cut characters, grow geometrically, so the work is proportional to what is kept, not to the
-        prompt's length."""
-        end = min(len(text), first_cut or max(4096, 2 * settle * self.max_length))
+        """(windows with word ids, limited): ComfyUI's tokenization of as much of text (less the characters `clean` removes)
+        as decides its first `settle` windows (or all of it), and whether that was less than the whole text.
+        Prefixes, from about first_cut characters, grow geometrically, so the work is proportional to what is
+        kept, not to the prompt's length."""
+        end = first_cut or max(4096, 2 * settle * self.max_length)
         while True:
-            cut = safe_cut(text, end, self.split_chinese)
-            prefix = text[:cut]
-            check_nesting(prefix)
-            try:
-                windows = super().tokenize_with_weights(prefix, True, tokenizer_options=tokenizer_options, **kwargs)
-            except IndexError:  # ComfyUI's tokenizer fails so on "embedding:" followed by no name
-                if "embedding:" not in prefix:
-                    raise
-                raise PromptError("The prompt has 'embedding:' with no embedding name after it; write "
-                                  "embedding:<file name> or remove it.") from None
-            check_weights(windows)
-            if cut >= len(text) or settled(windows, settle, self.max_word_length):
-                return windows, cut < len(text)
-            end = 2 * cut + 1
+            whole = end >= len(text)
+            part = clean(text if whole else text[:end + end // 2 + 1])  # room to find a cut after end
+            cut = len(part) if whole else safe_cut(part, min(end, len(part)), self.split_chinese)
+            if cut < len(part) or whole:
+                prefix = part[:cut]
+                check_nesting(prefix)
+                try:
+                    windows = super().tokenize_with_weights(prefix, True, tokenizer_options=tokenizer_options,
+                                                            **kwargs)
+                except IndexError:  # ComfyUI's tokenizer fails so on "embedding:" followed by no name
+                    if "embedding:" not in prefix:
+                        raise
+                    raise PromptError("The prompt has 'embedding:' with no embedding name after it; write "
+                                      "embedding:<file name> or remove it.") from None
+                check_weights(windows)
+                if whole or settled(windows, settle, self.max_word_length):
+                    return windows, not whole
+            end = 2 * end + 1
 
 
 def settled(windows, count, max_word_length):
@@ -146,6 +225,7 @@ def settled(windows, count, max_word_length):
 
 _PARENS = re.compile(r"\\[()]|[()]")  # an escaped parenthesis (plain text) or one of ComfyUI's weighting syntax
 _EMBEDDING = "embedding:"
+_PAREN = re.compile(r"[()]")
 _NAME = re.compile(r"\s*\S*")  # what ComfyUI reads as an embedding's name after 'embedding:'
 
 
@@ -174,7 +254,7 @@ def _is_space(char):  # whitespace to BERT (transformers and the tokenizers crat
     return char in " \t\n\r" or unicodedata.category(char) == "Zs"
 
 
-def _is_cjk(char):  # BERT's _is_chinese_char (the same ranges in transformers and in the tokenizers crate)
+def _is_cjk(char):  # BERT's _is_chinese_char as transformers and cn_clip have it (the tokenizers crate misses U+2B820-U+2B91F)
     code = ord(char)
     return 0x4E00 <= code <= 0x9FFF or 0x3400 <= code <= 0x4DBF or 0x20000 <= code <= 0x2A6DF or \
         0x2A700 <= code <= 0x2CEAF or 0xF900 <= code <= 0xFAFF or 0x2F800 <= code <= 0x2FA1F
@@ -184,11 +264,11 @@ def check_nesting(text):
     """Refuse parentheses nested deeper than MAX_NESTING (ComfyUI parses each level in a pass of its own;
     escaped ones, \\( and \\), are plain text)."""
     depth = deepest = 0
-    for char in sd1_clip.escape_important(text):
-        if char == "(":
+    for m in _PAREN.finditer(sd1_clip.escape_important(text)):
+        if m.group() == "(":
             depth += 1
             deepest = max(deepest, depth)
-        elif char == ")" and depth:
+        elif depth:
             depth -= 1
     if deepest > MAX_NESTING:
         raise PromptError(f"The prompt nests parentheses {deepest} deep; at most {MAX_NESTING} levels are "

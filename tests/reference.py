@@ -53,3 +53,13 @@ def reference_encode(text_encoder_dir, tokenizer_dir, prompts):
     """ModelScope's _encode_prompt: every tokenizer output into the text model, last_hidden_state."""
     inputs = reference_tokens(tokenizer_dir, prompts)
     return hf_text_model(text_encoder_dir)(**inputs)[0]
+
+
+def for_cn_clip(text):
+    """A prompt as cn_clip must get it to tokenize like the reference pipeline's BertTokenizer (and the pack):
+    without the characters BertTokenizer removes (Unicode's "other" categories; cn_clip, Google's BERT code, makes
+    [UNK] of the unassigned, private-use and surrogate ones), and with capital sigma lowercased alone
+    (BertTokenizer lowercases character by character, cn_clip the whole text, which makes a final sigma of it)."""
+    import unicodedata
+    text = "".join(c for c in text if c == "\ufffd" or unicodedata.category(c)[0] != "C" or c in "\t\n\r")
+    return text.replace("\u03a3", "\u03c3").replace("\ufffd", "")

@@ -306,3 +306,16 @@ def test_converter_refuses_what_the_loaders_refuse(tmp_path, model_folders):
         with pytest.raises(ModelLoadError, match="missing"):
             convert.convert_folder(str(folder), str(tmp_path / f"out_{component}"), dtype="fp16")
         assert not (tmp_path / f"out_{component}").exists()
+
+
+@pytest.mark.parametrize("name,limit", [("vocab.txt", "MAX_VOCAB_BYTES"), ("tokenizer_config.json", "MAX_JSON_BYTES")])
+def test_files_beyond_the_size_limits_are_refused_unread(tmp_path, name, limit):
+    """A vocabulary or config file larger than its limit is refused by its size, before it is read (the file here
+    is sparse: reading it would give a different error)."""
+    loaders = pack.loaders
+    size = getattr(loaders.tokenizer_files if limit == "MAX_VOCAB_BYTES" else loaders.values, limit) + 1
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n", encoding="utf-8")
+    with open(tmp_path / name, "wb") as f:
+        f.truncate(size)
+    expect_error(lambda: loaders.tokenizer_files.read_folder(str(tmp_path)), str(tmp_path / name), "MB file",
+                 "of at most")

@@ -14,7 +14,7 @@ from hypothesis import given, strategies as st
 
 import nodes as comfy_nodes
 from conftest import pack
-from fuzz import dumps, expect_loaded_or_refused, fuzz_settings, json_values, mutated_json, whole_files
+from fuzz import STATS, dumps, expect_loaded_or_refused, fuzz_settings, json_values, mutated_json, whole_files
 from tiny_models import FUZZ_VARIANT, save_pretrained, write_tokenizer_transformers5
 
 loaders = pack.loaders
@@ -146,34 +146,46 @@ def fuzz_file(folder, name, load, data, stats_key=None):
         expect_loaded_or_refused(lambda: load(folder), [name.replace("/", os.sep)], stats_key or name, ModelLoadError)
 
 
+def fuzz(stats_key, examples, body):
+    """Run body(data) on `examples` generated cases, then require that both outcomes occurred among them: some
+    mutations refused and some loaded (a fuzzer whose every case is refused, or loaded, tests nothing of the
+    other path)."""
+    before = dict(STATS[stats_key])
+
+    @fuzz_settings(examples)
+    @given(data=st.data())
+    def run(data):
+        body(data)
+
+    run()
+    seen = {k: STATS[stats_key][k] - before.get(k, 0) for k in ("loaded", "refused")}
+    assert seen["loaded"] > 0 and seen["refused"] > 0, f"{stats_key}: {seen} in {examples} generated cases"
+
+
 @pytest.mark.parametrize("name", TEXT_FILES)
-@fuzz_settings(25)
-@given(data=st.data())
-def test_text_encoder_files(work, name, data):
-    fuzz_file(work, name, load_text, data)
+def test_text_encoder_files(work, name):
+    fuzz(name, 25, lambda data: fuzz_file(work, name, load_text, data))
 
 
-@fuzz_settings(20)
-@given(data=st.data())
-def test_added_tokens_json(work, data):
+def test_added_tokens_json(work):
     """added_tokens.json, which a tokenizer folder may have: tokens must be the vocabulary's own."""
     path = work / "tokenizer" / "added_tokens.json"
-    content = data.draw(mutated_json({"[CLS]": 101, "[SEP]": 102, "中": 704}), label="added_tokens.json")
-    with hostile(path, content):
-        expect_loaded_or_refused(lambda: load_text(work), [os.path.join("tokenizer", "added_tokens.json")],
-                                 "tokenizer/added_tokens.json", ModelLoadError)
+
+    def body(data):
+        content = data.draw(mutated_json({"[CLS]": 101, "[SEP]": 102, "中": 704}), label="added_tokens.json")
+        with hostile(path, content):
+            expect_loaded_or_refused(lambda: load_text(work), [os.path.join("tokenizer", "added_tokens.json")],
+                                     "tokenizer/added_tokens.json", ModelLoadError)
+    fuzz("tokenizer/added_tokens.json", 20, body)
 
 
-@fuzz_settings(25)
-@given(data=st.data())
-def test_tokenizer_json(work_tf5, data):
-    fuzz_file(work_tf5, "tokenizer/tokenizer.json", load_text, data)
+def test_tokenizer_json(work_tf5):
+    fuzz("tokenizer/tokenizer.json", 25, lambda data: fuzz_file(work_tf5, "tokenizer/tokenizer.json", load_text, data))
 
 
-@fuzz_settings(20)
-@given(data=st.data())
-def test_sharded_weights_index(work_sharded, data):
-    fuzz_file(work_sharded, "text_encoder/model.safetensors.index.json", load_text, data)
+def test_sharded_weights_index(work_sharded):
+    name = "text_encoder/model.safetensors.index.json"
+    fuzz(name, 20, lambda data: fuzz_file(work_sharded, name, load_text, data))
 
 
 def _vocab_edits(lines):
@@ -203,27 +215,24 @@ def _vocab_edits(lines):
     return st.one_of(edits, raw, whole_files)
 
 
-@fuzz_settings(25)
-@given(data=st.data())
-def test_vocab_txt(work, data):
+def test_vocab_txt(work):
     path = work / "tokenizer" / "vocab.txt"
     lines = path.read_text(encoding="utf-8").split("\n")[:-1]
-    with hostile(path, data.draw(_vocab_edits(lines), label="vocab.txt")):
-        expect_loaded_or_refused(lambda: load_text(work), [os.path.join("tokenizer", "vocab.txt")], "tokenizer/vocab.txt",
-                                 ModelLoadError)
+
+    def body(data):
+        with hostile(path, data.draw(_vocab_edits(lines), label="vocab.txt")):
+            expect_loaded_or_refused(lambda: load_text(work), [os.path.join("tokenizer", "vocab.txt")],
+                                     "tokenizer/vocab.txt", ModelLoadError)
+    fuzz("tokenizer/vocab.txt", 25, body)
 
 
 @pytest.mark.parametrize("name", ["unet/config.json", "scheduler/scheduler_config.json"])
-@fuzz_settings(25)
-@given(data=st.data())
-def test_unet_files(work, name, data):
-    fuzz_file(work, name, load_unet, data)
+def test_unet_files(work, name):
+    fuzz(name, 25, lambda data: fuzz_file(work, name, load_unet, data))
 
 
-@fuzz_settings(8)
-@given(data=st.data())
-def test_vae_config(work, data):
-    fuzz_file(work, "vae/config.json", load_whole_folder, data)
+def test_vae_config(work):
+    fuzz("vae/config.json", 8, lambda data: fuzz_file(work, "vae/config.json", load_whole_folder, data))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,16 +305,15 @@ def load_checkpoint(path):
                                                 ("checkpoint", load_checkpoint, 8)])
 def test_converter_metadata(converted_fuzz, tmp_path, kind, load, examples):
     source = converted_fuzz[kind]
-    header, data = read_safetensors(source)
+    header, data_bytes = read_safetensors(source)
     target = str(tmp_path / os.path.basename(source))
 
-    @fuzz_settings(examples)
-    @given(meta=hostile_metadata(header["__metadata__"]))
-    def check(meta):
-        write_safetensors(target, {**header, "__metadata__": meta}, data)
+    def body(data):
+        meta = data.draw(hostile_metadata(header["__metadata__"]), label="metadata")
+        write_safetensors(target, {**header, "__metadata__": meta}, data_bytes)
         expect_loaded_or_refused(lambda: load(target), [os.path.basename(target)], f"{kind} metadata", ModelLoadError)
 
-    check()
+    fuzz(f"{kind} metadata", examples, body)
 
 
 # ----------------------------------------------------------------------------------------------

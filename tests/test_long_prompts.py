@@ -54,7 +54,7 @@ def comparable(windows):
 
 def whole(tokenizer, text):
     """ComfyUI's own tokenization of the whole text (what the pack's bounded tokenization must agree with)."""
-    return sd1_clip.SDTokenizer.tokenize_with_weights(tokenizer, chinese_clip._DROPPED.sub("", text), True)
+    return sd1_clip.SDTokenizer.tokenize_with_weights(tokenizer, chinese_clip.clean(text), True)
 
 
 def test_a_million_character_prompt_encodes_as_its_first_thousand_characters(clip):
@@ -139,7 +139,7 @@ def test_reading_part_of_a_prompt_gives_the_tokens_of_the_whole(tokenizer):
     @example(text="山" * 49 + " supercalifragilistic " * 10, first_cut=30, settle=1).via("a group moved whole")
     def check(text, first_cut, settle):
         try:
-            ours, limited = tokenizer.tokenize_bounded(chinese_clip._DROPPED.sub("", text), settle,
+            ours, limited = tokenizer.tokenize_bounded(chinese_clip.clean(text), settle,
                                                        first_cut=first_cut)
         except PromptError:
             with pytest.raises((PromptError, IndexError)):

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from conftest import pack
-from reference import PROMPTS, REFERENCE_LENGTH, reference_tokens
+from reference import PROMPTS, REFERENCE_LENGTH, for_cn_clip, reference_tokens
 
 chinese_clip = pack.loaders.chinese_clip
 
@@ -38,6 +38,33 @@ def test_matches_cn_clip_tokenize(tokenizer, prompt):
 def test_matches_reference_recipe(tokenizer, prompt, model_folders):
     ref = reference_tokens(os.path.join(model_folders["csd_eps_safetensors"], "tokenizer"), [prompt])
     assert _ids(tokenizer, prompt) == ref["input_ids"].tolist()
+
+
+# Where the Rust tokenizer's Unicode tables differ from Python's (transformers' BertTokenizer and cn_clip): a CJK
+# Extension E ideograph, punctuation and combining marks newer than its tables, an unassigned code point, the final
+# sigma (lowercased alone by BertTokenizer), a control and a format character.
+EDGE_PROMPTS = ["0\U0002b820山", "a\u061db\u2e52c", "e\u1abf\u0301x", "中\U0003134b国", "ΟΔΟΣ ΣΑΣ", "Σ ΣA aΣb",
+                "a\x1fb\u200bc\ue000d", "Ünïcödé àccents Σ"]
+
+
+@pytest.mark.parametrize("prompt", EDGE_PROMPTS)
+def test_unicode_edges_match_the_references(tokenizer, prompt, model_folders):
+    """cn_clip on the prompt as reference.for_cn_clip gives it, and under transformers 4 its BertTokenizer (the
+    reference pipeline's) on the prompt as it is. Under transformers 5, BertTokenizer is the Rust tokenizer itself,
+    which differs from both on these characters: the pack follows the pipeline's BertTokenizer and cn_clip."""
+    import cn_clip.clip
+    import transformers
+    ours = _ids(tokenizer, prompt)
+    assert ours == [cn_clip.clip.tokenize([for_cn_clip(prompt)], context_length=REFERENCE_LENGTH)[0].tolist()]
+    if transformers.__version__.startswith("4."):
+        ref = reference_tokens(os.path.join(model_folders["csd_eps_safetensors"], "tokenizer"), [prompt])
+        assert ours == ref["input_ids"].tolist()
+
+
+def test_the_tokenizer_runs_in_rust():
+    inner = pack.loaders.token_count.inner_tokenizer(chinese_clip.ChineseCLIPTokenizerSet())
+    assert inner.tokenizer.fast.is_fast and type(inner.tokenizer.fast).__name__ in ("BertTokenizerFast", "BertTokenizer")
+    assert inner.tokenizer.fast.backend_tokenizer is not None
 
 
 def test_long_prompt_truncate_warns_with_count(tokenizer, caplog):
