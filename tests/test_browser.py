@@ -561,7 +561,8 @@ def test_help_pages_fit_the_info_panel(page, locale):
         page.wait_for_function("(t) => Array.from(document.querySelectorAll('h1')).some(e => e.textContent.trim() === t)",
                                arg=heading, timeout=20_000)
         page.wait_for_timeout(300)  # laid out
-        assert help_overflow(page, heading) == [], node_type
+        wide = help_overflow(page, heading)
+        assert not wide, f"{node_type}:\n" + "\n".join(wide)
     assert page.page_errors == []
 
 
