@@ -7,7 +7,6 @@ import torch
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
-import comfy.ops
 import comfy.supported_models
 import comfy.utils
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -30,12 +29,25 @@ def _model_config(unet):
     return family, model_config
 
 
+class EveryTensor:
+    """ComfyUI's module classes as plain torch modules, for listing a model's tensors: with dynamic VRAM (ComfyUI
+    0.33 on a GPU) comfy.ops leaves Linear and Conv weights unset until a state dict is loaded."""
+
+    Linear, Conv1d, Conv2d, Conv3d = torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d
+    GroupNorm, LayerNorm, Embedding = torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.Embedding
+    ConvTranspose2d = torch.nn.ConvTranspose2d
+
+    @classmethod
+    def conv_nd(cls, dims, *args, **kwargs):
+        return {1: cls.Conv1d, 2: cls.Conv2d, 3: cls.Conv3d}[dims](*args, **kwargs)
+
+
 def check_unet(unet):
     """Every tensor of ComfyUI's UNetModel of this shape is in the file, with its shape (built on the meta
     device: no memory, no weights)."""
     _, model_config = _model_config(unet)
     try:
-        model = UNetModel(**model_config.unet_config, device="meta", operations=comfy.ops.disable_weight_init)
+        model = UNetModel(**model_config.unet_config, device="meta", operations=EveryTensor)
     except (IndexError, KeyError, TypeError, ValueError, RuntimeError, AssertionError) as e:
         raise ModelLoadError(unet.path, f"an inconsistent UNet ({type(e).__name__}: {e})", "a complete SD UNet") from None
     expected = model.state_dict()
