@@ -19,8 +19,10 @@ import os
 import re
 import time
 
+import hypothesis.strategies as st
 import numpy as np
 import pytest
+from hypothesis import example, given
 from PIL import Image
 
 from comfy_server import ComfyServer
@@ -487,6 +489,54 @@ def test_counter_lines_fit_a_new_node_at_its_default_width(page, locale):
     assert overlaps(page) == []
     if locale == "zh":  # the README's picture of it
         screenshot(page, "token_counter_zh", clip=_node_clip(page, node_id))
+
+
+# prompts as people and pastes make them: Chinese, long English words, unbroken runs (URLs, hashes), emoji, markup,
+# right-to-left and zero-width characters, ComfyUI's weights and choices
+PROMPT_PIECES = st.one_of(
+    st.sampled_from(["中国山水画", "，", "。", "(远山:1.3)", "{雪|雨}", "embedding:x", "<img src=x onerror=alert(1)>",
+                     "Supercalifragilisticexpialidocious", "https://example.com/a/very/long/path_with_underscores",
+                     "😀👩‍👩‍👧", "\u200b", "\u202e", "عربى", "\n", "  ", "ｆｕｌｌｗｉｄｔｈ"]),
+    st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12),
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_-/.", min_size=20, max_size=120),
+)
+HOSTILE_PROMPTS = st.lists(PROMPT_PIECES, min_size=1, max_size=40).map("".join)
+
+
+@pytest.mark.parametrize("locale", ["en", "zh"])
+def test_counter_fits_its_node_whatever_the_prompt(page, locale):
+    """Generated prompts (hypothesis) in a node at its default width: the counter answers (a count or the reason
+    it cannot), no text runs past the node or is cut off, the node keeps its size, the page raises nothing."""
+    from fuzz import STATS, fuzz_settings
+    if locale != "en":
+        set_locale(page, locale)
+        close_dialogs(page)
+    page.evaluate("() => app.graph.clear()")
+    node_id = add_encode_node(page)
+    focus_node(page, node_id)
+    size = page.evaluate("(id) => Array.from(app.graph.getNodeById(id).size)", node_id)
+
+    @fuzz_settings(15)
+    @given(text=HOSTILE_PROMPTS, chunk=st.booleans())
+    @example(text="Supercalifragilisticexpialidocious " * 30, chunk=False)  # the longest cut texts, in Latin
+    @example(text="https://example.com/a/very/long/path_with_underscores" * 12, chunk=False)
+    @example(text="龘" * 300, chunk=True)
+    def check(text, chunk):
+        page.evaluate("""([id, text, chunk]) => { const n = app.graph.getNodeById(id);
+            n.widgets.find(w => w.name === 'text').value = text;
+            n.widgets.find(w => w.name === 'long_prompt').value = chunk ? 'chunk' : 'truncate'; }""",
+                      [node_id, text, chunk])
+        page.wait_for_function("""(id) => { const c = app.graph.getNodeById(id).chineseSdTokenCounter;
+            return c && c.payload && c.lastSig === c.wantedSig && !c.inFlight; }""", arg=node_id, timeout=30_000)
+        page.wait_for_timeout(50)  # rendered
+        state = counter_state(page, node_id)
+        STATS[f"browser counter ({locale})"][state] += 1
+        assert state in ("estimate", "error"), (state, text)
+        assert overflowing_text(page) == [], text
+        assert page.evaluate("(id) => Array.from(app.graph.getNodeById(id).size)", node_id) == size
+        assert page.page_errors == []
+
+    check()
 
 
 def _node_clip(page, node_id, margin=20):
