@@ -13,14 +13,18 @@ the real model's invariants:
 - scheduler: DDIM config with the model's prediction type and beta schedule.
 """
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
+import sys
 
 import torch
+
+_PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _PACK_DIR not in sys.path:
+    sys.path.append(_PACK_DIR)  # after ComfyUI's folder: its nodes.py must win over the pack's nodes/
+from runner.filelock import locked  # noqa: E402  (the product's one file lock)
 
 VARIANTS = {  # ModelScope Chinese SD layout
     # name: (weight format, prediction type, beta_end)
@@ -235,18 +239,6 @@ def _write_pipeline_files(dest):
     })
 
 
-@contextlib.contextmanager
-def _locked(root):
-    """One builder at a time (test runs of several environments may share the cache)."""
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _build_once(dest, build):
     if not os.path.isfile(os.path.join(dest, "model_index.json")):
         tmp = dest + ".partial"
@@ -261,7 +253,7 @@ def build_all(cache_dir):
     """Build (once per builder version) every variant under cache_dir; returns {name: folder}."""
     root = os.path.join(cache_dir, "fixtures", _fingerprint())
     out = {}
-    with _locked(root):
+    with locked(os.path.join(root, ".lock")):
         for name, (fmt, prediction, beta_end) in VARIANTS.items():
             out[name] = _build_once(os.path.join(root, name),
                                     lambda tmp: build_variant(tmp, fmt, prediction, beta_end))
