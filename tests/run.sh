@@ -146,7 +146,8 @@ trap cleanup EXIT
 failed=""
 [ "$setup_only" = 1 ] || { ensure_browser; setup_comfy_cli; }
 for combo in $combos; do setup_combo "${combo%%:*}" "${combo#*:}"; done
-rm -rf "$cache/venv"  # the single environment of earlier versions of this script
+# environments of earlier versions of this script (the test environments are now venv-tests-*)
+rm -rf "$cache/venv" "$cache"/venv-comfyui*-transformers*
 if [ "$setup_only" = 1 ]; then
     for combo in $combos; do
         setup_combo "${combo%%:*}" "${combo#*:}"
