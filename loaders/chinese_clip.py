@@ -44,7 +44,7 @@ LONG_PROMPT_MODES = ("truncate", "chunk")
 # [CLS]/[SEP]/[PAD]; "limited": True when it stopped before the prompt's end}) for the count shown on the node
 REPORT_OPTION = f"{NAME}_report"
 MAX_WINDOWS = 32     # chunk mode: at most this many windows (1,600 tokens for ModelScope's recipe); more is refused
-COUNT_WINDOWS = 20   # truncate mode: tokens are counted for this many windows; beyond that the count is a lower bound
+COUNT_WINDOWS = 4    # truncate mode: tokens are counted for this many windows; beyond that the count is a lower bound
 # Prompt weights: ComfyUI multiplies by 1.1 per pair of parentheses and reads (word:w); a weight beyond
 # this, or not a finite number, is refused rather than turned into inf/NaN conditioning.
 MAX_WEIGHT = 100.0
@@ -54,28 +54,36 @@ MAX_NESTING = 32  # parentheses nested deeper than this are refused (each level 
 @functools.lru_cache(maxsize=1)
 def _classes():
     """Character classes from Python's Unicode database (what transformers' BertTokenizer and cn_clip use), built
-    once: (dropped, punctuation, cjk, marks) as compiled regexes.
+    once: (dropped, punctuation, cjk, marks) as lists of code points.
 
     dropped: what BertTokenizer (the reference pipeline's) removes before tokenizing: Unicode's "other" categories
     (control, format, surrogate, private use, unassigned) but tab, newline and carriage return, and U+FFFD. The Rust
     tokenizer keeps unassigned code points (as [UNK]) and fails on lone surrogates; ComfyUI uses NUL to escape
-    "\\(". The other three are what the Rust tokenizer's older Unicode tables (and its CJK range, which misses
-    U+2B820-U+2B91F) do not know: non-ASCII punctuation, CJK ideographs, combining marks (category Mn)."""
+    "\\(". The other three are the candidates for what the Rust tokenizer's older Unicode tables (and its CJK range,
+    which misses U+2B820-U+2B91F) may not know: non-ASCII punctuation, CJK ideographs, combining marks (Mn)."""
     dropped, punct, cjk, marks = [], [], [], []
-    for cp in range(0x80, 0x110000):
+    for cp in range(0x110000):
         char = chr(cp)
         cat = unicodedata.category(char)
-        if cp == 0xFFFD or cat[0] == "C":
+        if cp == 0xFFFD or (cat[0] == "C" and char not in "\t\n\r"):
             dropped.append(cp)
-        elif cat[0] == "P":
+        elif cat[0] == "P" and cp >= 0x80:
             punct.append(cp)
         elif cat == "Mn":
             marks.append(cp)
         if _is_cjk(char):
             cjk.append(cp)
-    dropped += [cp for cp in range(0x80) if unicodedata.category(chr(cp))[0] == "C" and chr(cp) not in "\t\n\r"]
-    return tuple(re.compile("[" + "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in _ranges(sorted(cps))) + "]")
-                 for cps in (dropped, punct, cjk, marks))
+    return dropped, punct, cjk, marks
+
+
+@functools.lru_cache(maxsize=1)
+def _dropped():
+    return _class_pattern(_classes()[0])
+
+
+def _class_pattern(cps):
+    return re.compile("[" + "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in _ranges(sorted(cps))) + "]") if cps \
+        else None
 
 
 def _ranges(cps):
@@ -94,26 +102,66 @@ def _ranges(cps):
 
 def clean(text):
     """text without the characters the reference tokenizer removes (see _classes)."""
-    return _classes()[0].sub("", text)
+    return _dropped().sub("", text)
+
+
+@functools.lru_cache(maxsize=8)
+def _rust_gaps_cached(key, fast):
+    _, punct, cjk, marks = _classes()
+    strip_accents, split_chinese = key
+    pre, norm = fast.backend_tokenizer.pre_tokenizer, fast.backend_tokenizer.normalizer
+    splits = lambda cp: len(pre.pre_tokenize_str(norm.normalize_str("a" + chr(cp) + "a"))) > 1  # noqa: E731
+    spaced = [cp for cp in punct if not splits(cp)]
+    if split_chinese:  # the Rust tokenizer's CJK ranges are a few long intervals: test blocks by their ends first
+        for start in range(0, len(cjk), 256):
+            block = cjk[start:start + 256]
+            if block[-1] - block[0] == len(block) - 1 and all(splits(cp) for cp in block[::51] + block[-1:]):
+                continue
+            spaced += [cp for cp in block if not splits(cp)]
+    removed = [cp for cp in marks if norm.normalize_str("a" + chr(cp)) != "a"] if strip_accents else []
+    return _class_pattern(spaced), _class_pattern(removed)
+
+
+def _rust_gaps(fast, strip_accents, split_chinese):
+    """(spaced, removed) patterns: the punctuation and CJK ideographs the Rust tokenizer does not split, and the
+    combining marks its normalizer does not strip, though Python's Unicode database (BertTokenizer's) says so."""
+    return _rust_gaps_cached((strip_accents, split_chinese), _Key(fast))
+
+
+class _Key:
+    """A tokenizer as a cache key: the same vocabulary-independent Unicode behaviour for every BERT tokenizer of the
+    same settings, so one entry per settings."""
+
+    def __init__(self, fast):
+        self.fast = fast
+
+    def __hash__(self):
+        return 0
+
+    def __eq__(self, other):
+        return isinstance(other, _Key)
+
+    def __getattr__(self, name):
+        return getattr(self.fast, name)
 
 
 class ReferenceText:
     """transformers' fast (Rust) BERT tokenizer, given each text the way transformers' BertTokenizer (the reference
-    pipeline's, and cn_clip's) sees it where the Rust tokenizer's Unicode tables differ from Python's: combining
-    marks removed after NFD when accents are stripped, spaces around non-ASCII punctuation and (when the tokenizer
-    splits them) CJK ideographs. Everything else is the fast tokenizer's own."""
+    pipeline's, and cn_clip's) sees it where the Rust tokenizer's Unicode tables differ from Python's: spaces around
+    the punctuation and (when the tokenizer splits them) CJK ideographs it does not split, combining marks it does
+    not strip (when accents are stripped) removed. Which characters those are is asked of the Rust tokenizer itself,
+    once; everything else is the fast tokenizer's own."""
 
     def __init__(self, fast, strip_accents, split_chinese):
         self.fast, self.strip_accents, self.split_chinese = fast, strip_accents, split_chinese
+        self.spaced, self.removed = _rust_gaps(fast, strip_accents, split_chinese)
 
     def prepare(self, text):
-        _, punct, cjk, marks = _classes()
         if text.isascii():
             return text
-        if self.strip_accents:
-            text = marks.sub("", unicodedata.normalize("NFD", text))
-        text = punct.sub(r" \g<0> ", text)
-        return cjk.sub(r" \g<0> ", text) if self.split_chinese else text
+        if self.removed is not None:
+            text = self.removed.sub("", text)
+        return self.spaced.sub(r" \g<0> ", text) if self.spaced is not None else text
 
     def __call__(self, text, *args, **kwargs):
         return self.fast(self.prepare(text), *args, **kwargs)
@@ -186,7 +234,7 @@ class ChineseCLIPTokenizer(sd1_clip.SDTokenizer):
         as decides its first `settle` windows (or all of it), and whether that was less than the whole text.
         Prefixes, from about first_cut characters, grow geometrically, so the work is proportional to what is
         kept, not to the prompt's length."""
-        end = first_cut or max(4096, 2 * settle * self.max_length)
+        end = first_cut or max(256, 2 * settle * self.max_length)
         while True:
             whole = end >= len(text)
             part = clean(text if whole else text[:end + end // 2 + 1])  # room to find a cut after end
@@ -211,16 +259,16 @@ class ChineseCLIPTokenizer(sd1_clip.SDTokenizer):
 def settled(windows, count, max_word_length):
     """Whether the first `count` windows of a prefix's tokenization (cut at a safe_cut) are those of the whole
     text. The rest of the text can only extend the prefix's last tokenized group and add groups after it. ComfyUI
-    splits a group of max_word_length tokens or more across windows token by token, so then every window before
-    the last is final; a shorter group moves whole to the next window when it does not fit, so then only the
-    windows before the one it starts in are."""
+    splits a group of max_word_length tokens or more across windows token by token: then every window before the
+    last is final. A shorter group moves whole to the next window when it does not fit; extended, it may become
+    long enough to be split into the window before: then only the windows before that one are final."""
     if len(windows) <= count:
         return False
     last = max((t[2] for w in windows for t in w), default=0)
     if sum(1 for w in windows for t in w if t[2] == last) >= max_word_length:
-        return len(windows) - 1 >= count
+        return True
     first = next(i for i, w in enumerate(windows) if any(t[2] == last for t in w))
-    return first >= count
+    return first - 1 >= count
 
 
 _PARENS = re.compile(r"\\[()]|[()]")  # an escaped parenthesis (plain text) or one of ComfyUI's weighting syntax

@@ -99,6 +99,16 @@ def test_the_count_is_exact_within_the_bound_and_a_lower_bound_beyond(tokenizer)
     assert token_count.summary(bound).startswith(f"tokens: {bound['tokens']}+ / 50, {bound['dropped']}+ dropped")
 
 
+def test_a_group_short_at_the_cut_but_long_in_full_is_split_as_in_full(tokenizer):
+    """48 one-token weighted groups, then a long plain part: cut after two of its characters, that part is a short
+    group that moves whole to the second window; in full it is long and ComfyUI splits it into the first."""
+    text = "(山:1.1)" * 48 + " " + "水" * 400
+    reference = whole(tokenizer, text)
+    for first_cut in range(300, 400, 3):
+        ours, limited = tokenizer.tokenize_bounded(text, 1, first_cut=first_cut)
+        assert limited and comparable(ours[:1]) == comparable(reference[:1]), first_cut
+
+
 def test_cuts_fall_where_the_text_before_them_cannot_change():
     cut = chinese_clip.safe_cut
     assert cut("abc def", 1) == 3                     # at the next whitespace
@@ -137,6 +147,7 @@ def test_reading_part_of_a_prompt_gives_the_tokens_of_the_whole(tokenizer):
     @example(text="a embedding:big " * 10, first_cut=5, settle=1).via("embeddings at the window's end")
     @example(text="x" * 150 + " " + "猫" * 100, first_cut=20, settle=1).via("a word too long for WordPiece")
     @example(text="山" * 49 + " supercalifragilistic " * 10, first_cut=30, settle=1).via("a group moved whole")
+    @example(text="(山:1.1)" * 48 + " " + "水" * 400, first_cut=342, settle=1).via("a short group at the cut, long in full")
     def check(text, first_cut, settle):
         try:
             ours, limited = tokenizer.tokenize_bounded(chinese_clip.clean(text), settle,
