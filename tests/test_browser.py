@@ -443,6 +443,14 @@ def test_token_counter_follows_typing_and_warns_of_truncation(page):
     assert counter(page, node_id).locator(".chinese-sd-token-cut-before").inner_text().endswith("白日")
     assert counter(page, node_id).locator(".chinese-sd-token-cut-after").inner_text().startswith("依山尽")
 
+    # far beyond the window the server stops counting (truncate mode keeps 50 tokens): the count is a lower bound
+    prompt_box(page, node_id).fill(LONG_PROMPT * 150)  # pasted, not typed: 10,800 characters
+    page.wait_for_function("(id) => !['72', ''].includes(document.querySelector("
+                           "`.chinese-sd-token-counter[data-node-id=\"${id}\"]`)?.dataset.tokens)",
+                           arg=str(node_id), timeout=30_000)
+    assert re.fullmatch(r"\d+\+ / 50", count.inner_text()), count.inner_text()
+    assert "+ of " in warning.inner_text()  # "Truncate drops 150+ of 200+ tokens"
+
 
 @pytest.mark.parametrize("locale", ["en", "zh"])
 def test_counter_lines_fit_a_new_node_at_its_default_width(page, locale):

@@ -392,7 +392,9 @@ function render(counter) {
   root.dataset.windows = counted ? String(data.windows ?? 1) : "";
   root.dataset.over = counted && data.tokens > capacity ? "1" : "0";
   root.dataset.approx = counter.payload?.approx ? "1" : "0";
-  p.count.textContent = counted ? `${data.tokens} / ${capacity}` : state === "error" ? `? / ${capacity}` : `… / ${capacity}`;
+  // limited: the server stopped counting before the prompt's end, so the count is a lower bound ("200+")
+  const more = counted && data.limited ? "+" : "";
+  p.count.textContent = counted ? `${data.tokens}${more} / ${capacity}` : state === "error" ? `? / ${capacity}` : `… / ${capacity}`;
 
   const notes = [];
   if (state === "estimate") notes.push(T.estimate, source === "model" ? T.model : T.shipped);
@@ -405,7 +407,7 @@ function render(counter) {
   const dropped = counted && data.long_prompt !== "chunk" ? data.dropped ?? 0 : 0;
   p.warning.hidden = !(dropped > 0);
   if (dropped > 0) {
-    p.warningText.textContent = T.dropped(dropped, data.tokens);
+    p.warningText.textContent = T.dropped(`${dropped}${more}`, `${data.tokens}${more}`);
     p.before.textContent = `…${data.cut_before ?? ""}`;
     p.middle.textContent = T.middle;
     p.after.textContent = `${data.cut_after ?? ""}…`;
@@ -418,7 +420,8 @@ function render(counter) {
   else if (state === "estimate" && data.model_error) info.push(T.unreadable);
   if (state === "exact" && data.recipe) info.push(T.recipe(data.recipe));
   if (counted && (data.windows ?? 1) > 1) info.push(T.windows(data.windows));
-  if (counted && data.limited) info.push(T.limited(data.chars_counted ?? 10000));
+  if (counted && data.limited && typeof data.chars_counted === "number" && data.chars_counted < (data.chars ?? Infinity))
+    info.push(T.limited(data.chars_counted));
   if (counted && counter.payload?.approx) info.push(T.approx);
   p.info.hidden = !p.warning.hidden || !p.error.hidden || !info.length;
   p.info.textContent = info.join(" · ");
