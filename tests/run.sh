@@ -166,7 +166,9 @@ for combo in $combos; do
         cd "$pack_dir"
         export COMFYUI_PATH=$comfy CNSD_TEST_CACHE=$cache PYTHONIOENCODING=utf-8 TMPDIR=$tmp/tmp \
             HYPOTHESIS_STORAGE_DIRECTORY=$tmp/hypothesis CNSD_COMFY_CLI=$comfy_cli
-        exec "$py" -m pytest --basetemp="$tmp/pytest" "$@"
+        # --confcutdir: the repository root (the pack, a package of its own) is no test package: pytest would
+        # import its __init__.py under the folder's name, which fails where that is no identifier (my-pack)
+        exec "$py" -m pytest --basetemp="$tmp/pytest" --confcutdir="$pack_dir/tests" "$@"
     )
     rc=$?
     set -e
