@@ -2,6 +2,7 @@
 (runner.client): a real ComfyUI (python main.py) on 127.0.0.1 with its folders in a private work folder."""
 
 import os
+import re
 import sys
 import time
 import urllib.parse
@@ -14,7 +15,7 @@ from runner.client import TERMINAL_EVENTS, Follower, is_prompt_done, parse_text_
 from runner.process import ComfyProcess, comfyui_args, free_port, write_extra_paths  # noqa: E402
 
 __all__ = ["TERMINAL_EVENTS", "WIDGET_TYPES", "ComfyServer", "ComfySocket", "free_port", "is_prompt_done",
-           "parse_text_event", "run_prompt_with_messages", "ui_to_api"]
+           "pack_warnings", "parse_text_event", "run_prompt_with_messages", "ui_to_api"]
 
 
 def _no_gpu():
@@ -59,6 +60,17 @@ class ComfyServer(ComfyProcess):
             time.sleep(0.25)
         raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s:\n{self.log_tail()}")
 
+    def forget(self):
+        """Unload every model and drop ComfyUI's cached node outputs (POST /free), so that the next prompt runs
+        every node as on a server just started. ComfyUI's worker applies /free when it next wakes; a tiny prompt
+        run after it makes sure that happened before the caller's next prompt."""
+        status = self.post("/free", {"unload_models": True, "free_memory": True})
+        assert status == 200, f"/free refused ({status})"
+        entry = self.run_prompt({
+            "1": {"class_type": "EmptyLatentImage", "inputs": {"width": 16, "height": 16, "batch_size": 1}},
+            "2": {"class_type": "SaveLatent", "inputs": {"samples": ["1", 0], "filename_prefix": "forget/latent"}}})
+        assert entry["status"]["status_str"] == "success", entry["status"]
+
     def output_images(self, entry):
         """PNG bytes of every image the history entry lists."""
         images = []
@@ -68,6 +80,21 @@ class ComfyServer(ComfyProcess):
                                                 "type": img["type"]})
                 images.append(self.get(f"/view?{query}"))
         return images
+
+
+def pack_warnings(log_text):
+    """Lines of a ComfyUI log that are Python warnings raised in the pack's code, or deprecation notices that
+    name the pack or its nodes."""
+    places = (PACK_DIR + os.sep, os.path.join(os.environ.get("COMFYUI_PATH", ""), "custom_nodes", os.path.basename(PACK_DIR)) + os.sep,
+              os.path.join("custom_nodes", "comfyui-chinese-sd") + os.sep)
+    found = []
+    for line in log_text.splitlines():
+        warning = re.match(r"\s*(.+?):\d+: \w*Warning: ", line)
+        if warning and any(p in warning.group(1) for p in places):
+            found.append(line)
+        elif re.search(r"deprecat", line, re.I) and ("ChineseSD_" in line or any(p in line for p in places)):
+            found.append(line)
+    return found
 
 
 class ComfySocket(Follower):

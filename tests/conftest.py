@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import shutil
 import sys
 
 import pytest
@@ -59,6 +60,48 @@ def fixture_root(model_folders):
     return os.path.dirname(next(iter(model_folders.values())))
 
 
+# The ComfyUI folders of the shared server's model tree (each an extra_model_paths.yaml entry)
+SHARED_KINDS = ("diffusers", "checkpoints", "diffusion_models", "text_encoders", "vae", "loras", "controlnet",
+                "embeddings")
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory):
+    """The one ComfyUI server that every server test shares (a module starts one of its own only where the
+    environment differs: the exact listing of an odd folder tree, ComfyUI's classic cache, the run command).
+    Its console encoding is a Chinese Windows console's (gbk: it must not crash anything) and every Python warning
+    is shown once, as a developer's ComfyUI shows them. Each module's `server` fixture puts the models it needs
+    into comfy.models[kind] (see place()) and calls comfy.forget(), so that its first prompt runs every node."""
+    from comfy_server import ComfyServer
+    work = tmp_path_factory.mktemp("comfy")
+    models = {kind: work / "models" / kind for kind in SHARED_KINDS}
+    for folder in models.values():
+        folder.mkdir(parents=True)
+    srv = ComfyServer(COMFYUI_PATH, str(work), {kind: str(folder) for kind, folder in models.items()},
+                      env={"PYTHONIOENCODING": "gbk", "PYTHONWARNINGS": "default"})
+    srv.models = models
+    with srv:
+        yield srv
+
+
+def place(server, kind, name, source):
+    """Put source (a model folder: symlinked; a file: hard-linked, else copied) into the shared server's
+    models/<kind>/ as name (a path relative to it), unless that name is there already. Returns the path."""
+    target = server.models[kind] / name
+    if not os.path.lexists(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if os.path.isdir(source):
+            os.symlink(source, target)
+        else:
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copyfile(source, target)
+    elif not os.path.samefile(target, source):
+        raise AssertionError(f"two modules put different models at {kind}/{name}: {source} and {target}")
+    return target
+
+
 _PARITY = []
 
 
@@ -112,7 +155,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__.rpartition(".")[2]
         marks = set()
-        if module in RUNS_COMFYUI or module in BROWSER or any(n.endswith("server") for n in item.fixturenames):
+        if module in RUNS_COMFYUI or module in BROWSER or any(n.endswith("server") or n == "comfy" for n in item.fixturenames):
             marks.add("server")
         if module in BROWSER:
             marks.add("browser")

@@ -25,8 +25,8 @@ import pytest
 from hypothesis import example, given
 from PIL import Image
 
-from comfy_server import ComfyServer
-from conftest import COMFYUI_PATH, PACK_DIR
+from comfy_server import pack_warnings
+from conftest import PACK_DIR, place
 from tiny_models import tiny_controlnet, tiny_lora
 
 CHROMIUM = os.environ.get("CNSD_CHROMIUM", "/usr/bin/chromium")
@@ -64,33 +64,30 @@ def shipped_api(name):
 
 
 @pytest.fixture(scope="module")
-def ui_server(tmp_path_factory, model_folders, converted):
-    """A server whose models carry the names the shipped workflows use: the user's setup, tiny."""
+def ui_server(comfy, model_folders, converted, tmp_path_factory):
+    """The shared server with models under the names the shipped workflows use: the user's setup, tiny."""
     work = tmp_path_factory.mktemp("browser")
-    dirs = {kind: work / "models" / kind for kind in ("diffusers", "checkpoints", "loras", "controlnet")}
-    for path in dirs.values():
-        path.mkdir(parents=True)
     checkpoint = converted("csd_v_bin", "fp16")["checkpoint"]
-    images = []
+    inputs = os.path.join(comfy.workdir, "input")
+    rng = np.random.default_rng(0)
     for name in SHIPPED:
         for node in shipped_api(name).values():
-            inputs, kind = node["inputs"], node["class_type"]
-            if kind == "ChineseSD_ModelScopeLoader" and not (dirs["diffusers"] / inputs["model_folder"]).exists():
-                (dirs["diffusers"] / inputs["model_folder"]).symlink_to(model_folders["csd_eps_safetensors"])
-            elif kind == "ChineseSD_CheckpointLoader" and not (dirs["checkpoints"] / inputs["ckpt_name"]).exists():
-                (dirs["checkpoints"] / inputs["ckpt_name"]).symlink_to(checkpoint)
-            elif kind == "LoraLoader" and not (dirs["loras"] / inputs["lora_name"]).exists():
-                tiny_lora(str(dirs["loras"] / inputs["lora_name"]))
-            elif kind == "ControlNetLoader" and not (dirs["controlnet"] / inputs["control_net_name"]).exists():
-                tiny_controlnet(str(dirs["controlnet"] / inputs["control_net_name"]))
-            elif kind == "LoadImage":
-                images.append(inputs["image"])
-    srv = ComfyServer(COMFYUI_PATH, str(work), {kind: str(path) for kind, path in dirs.items()})
-    rng = np.random.default_rng(0)
-    for image in images:
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(work / "input" / image)
-    with srv:
-        yield srv
+            values, kind = node["inputs"], node["class_type"]
+            if kind == "ChineseSD_ModelScopeLoader":
+                place(comfy, "diffusers", values["model_folder"], model_folders["csd_eps_safetensors"])
+            elif kind == "ChineseSD_CheckpointLoader":
+                place(comfy, "checkpoints", values["ckpt_name"], checkpoint)
+            elif kind == "LoraLoader" and not (work / values["lora_name"]).exists():
+                tiny_lora(str(work / values["lora_name"]))
+                place(comfy, "loras", values["lora_name"], work / values["lora_name"])
+            elif kind == "ControlNetLoader" and not (work / values["control_net_name"]).exists():
+                tiny_controlnet(str(work / values["control_net_name"]))
+                place(comfy, "controlnet", values["control_net_name"], work / values["control_net_name"])
+            elif kind == "LoadImage" and not os.path.exists(os.path.join(inputs, values["image"])):
+                Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+                    os.path.join(inputs, values["image"]))
+    comfy.forget()
+    return comfy
 
 
 @pytest.fixture(scope="module")
@@ -667,9 +664,9 @@ def test_chinese_ui(page, ui_server):
 
 
 def test_the_server_log_has_no_warning_from_the_pack(ui_server):
-    """After the browser tests above (module order): nothing the pack did made the server warn of deprecation."""
-    lines = [line for line in ui_server.log_text().splitlines() if "deprecat" in line.lower()]
-    assert [line for line in lines if "chinese" in line.lower() or MODULE in line] == []
+    """After the browser tests above (module order): nothing the pack did made the server warn (the shared
+    server shows every Python warning; ComfyUI's and its libraries' own are not ours)."""
+    assert pack_warnings(ui_server.log_text()) == []
 
 
 def hover_input(page, node_id, slot):

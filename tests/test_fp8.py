@@ -10,8 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from comfy_server import ComfyServer
-from conftest import COMFYUI_PATH, pack
+from conftest import pack, place
 
 unet = pack.loaders.unet
 choices = pack.nodes.choices
@@ -65,20 +64,13 @@ def test_storage_types_that_cannot_work_are_refused_with_one_message(model_folde
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, model_folders, converted):
-    work = tmp_path_factory.mktemp("comfy_fp8")
-    diffusers = work / "diffusers"
-    diffusers.mkdir()
-    os.symlink(model_folders[FOLDER], diffusers / FOLDER)
+def server(comfy, model_folders, converted):
     files = converted(FOLDER, "fp16")
-    unets, checkpoints = work / "diffusion_models", work / "checkpoints"
-    unets.mkdir()
-    checkpoints.mkdir()
-    os.link(files["unet"], unets / "csd_unet.safetensors")
-    os.link(files["checkpoint"], checkpoints / "csd.safetensors")
-    with ComfyServer(COMFYUI_PATH, str(work), {"diffusers": str(diffusers), "diffusion_models": str(unets),
-                                               "checkpoints": str(checkpoints)}) as srv:
-        yield srv
+    place(comfy, "diffusers", FOLDER, model_folders[FOLDER])
+    place(comfy, "diffusion_models", "csd_unet.safetensors", files["unet"])
+    place(comfy, "checkpoints", "csd.safetensors", files["checkpoint"])
+    comfy.forget()
+    return comfy
 
 
 def graph(loader, model_ref, clip_ref, vae_ref, tag):

@@ -2,37 +2,31 @@
 
 import io
 import os
-import re
-import shutil
 
 import pytest
 from PIL import Image
 
-from comfy_server import ComfyServer, ComfySocket
-from conftest import COMFYUI_PATH, NODE_IDS, PACK_DIR
+from comfy_server import ComfySocket, pack_warnings
+from conftest import COMFYUI_PATH, NODE_IDS, PACK_DIR, place
 
 WIDTH, HEIGHT = 64, 48
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, fixture_root, converted):
-    work = tmp_path_factory.mktemp("comfy")
-    models = work / "models"
-    for kind, path in converted("csd_v_bin", "fp16").items():  # the converter's files, where it puts them
-        target = models / os.path.basename(os.path.dirname(path)) / os.path.basename(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.link(path, target)
-    # what users get wrong: a download cut short, a file of the wrong kind
-    (models / "diffusion_models" / "truncated.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":")
-    vae_file = os.path.join(fixture_root, "csd_eps_safetensors", "vae", "diffusion_pytorch_model.safetensors")
-    shutil.copy(vae_file, models / "text_encoders" / "中文_vae_not_a_text_encoder.safetensors")
-    srv = ComfyServer(COMFYUI_PATH, str(work), {
-        "diffusers": fixture_root,
-        **{kind: str(models / kind) for kind in ("checkpoints", "diffusion_models", "text_encoders", "vae")},
-    }, env={"PYTHONIOENCODING": "gbk",  # a Chinese Windows console's encoding must not crash anything
-            "PYTHONWARNINGS": "default"})  # every DeprecationWarning shown once, as a developer's ComfyUI shows them
-    with srv:
-        yield srv
+def server(comfy, model_folders, converted, tmp_path_factory):
+    """The shared server (a gbk console, Python's warnings on) with the tiny model folders, the converter's files
+    where it puts them, and what users get wrong: a download cut short, a file of the wrong kind."""
+    for name, folder in model_folders.items():
+        place(comfy, "diffusers", name, folder)
+    for kind, path in converted("csd_v_bin", "fp16").items():
+        place(comfy, os.path.basename(os.path.dirname(path)), os.path.basename(path), path)
+    odd = tmp_path_factory.mktemp("user_mistakes")
+    (odd / "truncated.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    place(comfy, "diffusion_models", "truncated.safetensors", odd / "truncated.safetensors")
+    vae_file = os.path.join(model_folders["csd_eps_safetensors"], "vae", "diffusion_pytorch_model.safetensors")
+    place(comfy, "text_encoders", "中文_vae_not_a_text_encoder.safetensors", vae_file)
+    comfy.forget()
+    return comfy
 
 
 def txt2img(loader_nodes, clip_ref, model_ref, vae_ref, encode_type="ChineseSD_CLIPTextEncode", seed=7):
@@ -176,21 +170,6 @@ def test_encode_node_sends_its_recipe_and_count(server):
     for node, n in (("pos", 5), ("neg", 3)):  # 中国山水画: 5 tokens, 模糊的: 3, counted by the model's tokenizer
         assert events[node]["recipe"] == "ModelScope Chinese SD pipeline: 52 tokens, attention mask"
         assert (events[node]["tokens"], events[node]["dropped"], events[node]["limited"]) == (n, 0, False)
-
-
-def pack_warnings(log_text):
-    """Lines of a ComfyUI log that are Python warnings raised in the pack's code, or deprecation notices that
-    name the pack or its nodes."""
-    places = (PACK_DIR + os.sep, os.path.join(COMFYUI_PATH, "custom_nodes", os.path.basename(PACK_DIR)) + os.sep,
-              os.path.join("custom_nodes", "comfyui-chinese-sd") + os.sep)
-    found = []
-    for line in log_text.splitlines():
-        warning = re.match(r"\s*(.+?):\d+: \w*Warning: ", line)
-        if warning and any(p in warning.group(1) for p in places):
-            found.append(line)
-        elif re.search(r"deprecat", line, re.I) and ("ChineseSD_" in line or any(p in line for p in places)):
-            found.append(line)
-    return found
 
 
 def test_pack_warnings_are_recognised():

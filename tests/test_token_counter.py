@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from comfy_server import ComfyServer, ComfySocket
-from conftest import COMFYUI_PATH, pack
+from comfy_server import ComfySocket
+from conftest import pack, place
 from reference import hf_tokenizer
 
 token_count = pack.loaders.token_count
@@ -48,28 +48,26 @@ def build_own_vocab_model(dest):
 
 
 @pytest.fixture(scope="module")
-def embeddings(tmp_path_factory):
+def embeddings(comfy, tmp_path_factory):
+    """good.safetensors, in the shared server's embeddings folder and in a folder of its own (for the tokenizer
+    built here)."""
     folder = tmp_path_factory.mktemp("embeddings")
     vectors = torch.randn(EMBEDDING_VECTORS, 1024, generator=torch.Generator().manual_seed(0))
     save_file({"chinese_clip": vectors}, str(folder / "good.safetensors"))
+    place(comfy, "embeddings", "good.safetensors", folder / "good.safetensors")
     return folder
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, model_folders, converted, embeddings):
-    work = tmp_path_factory.mktemp("comfy_tokens")
-    diffusers = work / "diffusers"
-    diffusers.mkdir()
+def server(comfy, model_folders, converted, embeddings, tmp_path_factory):
     for name in ("csd_eps_safetensors", "sd1_bert"):
-        os.symlink(model_folders[name], diffusers / name)
-    build_own_vocab_model(diffusers / "own_vocab")
-    checkpoints = work / "checkpoints"
-    checkpoints.mkdir()
-    os.link(converted("csd_v_bin", "fp16")["checkpoint"], checkpoints / "csd_v_bin.safetensors")
-    srv = ComfyServer(COMFYUI_PATH, str(work), {"diffusers": str(diffusers), "checkpoints": str(checkpoints),
-                                                 "embeddings": str(embeddings)})
-    with srv:
-        yield srv
+        place(comfy, "diffusers", name, model_folders[name])
+    own = tmp_path_factory.mktemp("own_vocab_model")
+    build_own_vocab_model(own)
+    place(comfy, "diffusers", "own_vocab", own)
+    place(comfy, "checkpoints", "csd_v_bin.safetensors", converted("csd_v_bin", "fp16")["checkpoint"])
+    comfy.forget()
+    return comfy
 
 
 def text_encoder_sources(model_folders, converted):

@@ -12,8 +12,7 @@ import urllib.error
 
 import pytest
 
-from comfy_server import ComfyServer
-from conftest import COMFYUI_PATH, NODE_IDS, PACK_DIR
+from conftest import NODE_IDS, PACK_DIR
 
 CJK = re.compile("[\u3400-\u9fff]")
 # vue-i18n (the frontend's translator) reads these as message syntax: {name} interpolation, @:linked messages,
@@ -34,12 +33,8 @@ def read_text(*parts):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    work = tmp_path_factory.mktemp("comfy_ui")
-    (work / "diffusers").mkdir()
-    srv = ComfyServer(COMFYUI_PATH, str(work), {"diffusers": str(work / "diffusers")})
-    with srv:
-        yield srv
+def server(comfy):
+    return comfy
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_server import WIDGET_TYPES, ComfyServer, ui_to_api
-from conftest import COMFYUI_PATH, PACK_DIR
+from comfy_server import WIDGET_TYPES, ui_to_api
+from conftest import PACK_DIR, place
 from tiny_models import tiny_controlnet, tiny_lora
 
 WORKFLOWS_DIR = os.path.join(PACK_DIR, "workflows")
@@ -61,27 +61,26 @@ def api(name):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, fixture_root, converted):
+def server(comfy, model_folders, converted, tmp_path_factory):
     work = tmp_path_factory.mktemp("workflows")
-    loras, controlnets = work / "loras", work / "controlnet"
-    loras.mkdir()
-    controlnets.mkdir()
-    tiny_lora(str(loras / TEST_LORA))
-    tiny_controlnet(str(controlnets / TEST_CONTROLNET))
-    checkpoint = converted("csd_v_bin", "fp16")["checkpoint"]
-    srv = ComfyServer(COMFYUI_PATH, str(work), {"diffusers": fixture_root, "checkpoints": os.path.dirname(checkpoint),
-                                                "loras": str(loras), "controlnet": str(controlnets)})
+    tiny_lora(str(work / TEST_LORA))
+    tiny_controlnet(str(work / TEST_CONTROLNET))
+    place(comfy, "loras", TEST_LORA, work / TEST_LORA)
+    place(comfy, "controlnet", TEST_CONTROLNET, work / TEST_CONTROLNET)
+    place(comfy, "diffusers", TEST_FOLDER, model_folders[TEST_FOLDER])
+    place(comfy, "checkpoints", TEST_CKPT, converted("csd_v_bin", "fp16")["checkpoint"])
     # the shipped workflows' picture, under the name they use (ComfyUI ships an example.png of its own): a PNG
     # whose transparent box is inpainting's mask (LoadImage's MASK output), and the same picture opaque (no mask)
+    inputs = os.path.join(comfy.workdir, "input")
     picture = input_picture()
-    picture.save(work / "input" / "example.png")
-    picture.convert("RGB").save(work / "input" / "opaque.png")
+    picture.save(os.path.join(inputs, "example.png"))
+    picture.convert("RGB").save(os.path.join(inputs, "opaque.png"))
     # another picture for the ControlNet: a white square on black (its edges differ from the first one's)
     square = np.zeros((INPUT_SIZE[1], INPUT_SIZE[0], 3), dtype=np.uint8)
     square[12:44, 16:48] = 255
-    Image.fromarray(square).save(work / "input" / "square.png")
-    with srv:
-        yield srv
+    Image.fromarray(square).save(os.path.join(inputs, "square.png"))
+    comfy.forget()
+    return comfy
 
 
 def input_picture():
