@@ -31,6 +31,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PACK_DIR = os.path.dirname(HERE)
 PACK_NAME = "comfyui_chinese_sd"
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
+sys.path.append(PACK_DIR)
+from runner.demo import random_tensor  # noqa: E402  (the run command's demo model's values: finite activations)
+
 PROMPT = "一幅中国传统水墨画，小桥流水人家，白墙黛瓦，远处青山隐隐。"
 PROMPT_EN = "a traditional Chinese ink painting, small bridges over flowing water, white walls and dark tiles, " \
             "green hills in the distance."
@@ -67,33 +70,11 @@ def log(msg):
 
 
 def setup():
-    if COMFYUI_PATH not in sys.path:
-        sys.path.insert(0, COMFYUI_PATH)
+    """benchmarks/worker.py's setup: ComfyUI on sys.path (its CPU mode without a GPU), the pack imported as
+    ComfyUI does."""
     import torch
-    import comfy.cli_args
-    if not torch.cuda.is_available():
-        comfy.cli_args.args.cpu = True
-    if PACK_NAME not in sys.modules:
-        import importlib.util
-        spec = importlib.util.spec_from_file_location(PACK_NAME, os.path.join(PACK_DIR, "__init__.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK_NAME] = module
-        spec.loader.exec_module(module)
-    return sys.modules[PACK_NAME]
-
-
-def random_tensor(key, shape, gen):
-    """Values that keep activations finite and of order one (as the run command's demo model does)."""
-    import torch
-    if len(shape) == 1:
-        return (1 + 0.1 * torch.randn(shape, generator=gen)) if key.endswith(".weight") else \
-            0.02 * torch.randn(shape, generator=gen)
-    if "embedding" in key:
-        return 0.02 * torch.randn(shape, generator=gen)
-    fan_in = 1
-    for d in shape[1:]:
-        fan_in *= d
-    return torch.randn(shape, generator=gen) / fan_in ** 0.5
+    from worker import setup as worker_setup
+    return worker_setup("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def random_state(module, seed):

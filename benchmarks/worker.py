@@ -309,9 +309,9 @@ def tokenize_case(pack, args):
     from transformers import BertTokenizerFast
     fast = BertTokenizerFast.from_pretrained(pack.loaders.tokenizer_files.SHIPPED_FOLDER)
     ours = pack.loaders.token_count.tokenizer_set()
-    option = pack.loaders.chinese_clip.LONG_PROMPT_OPTION
-    contenders = {
-        "pack": lambda t: ours.tokenize_with_weights(t, tokenizer_options={option: "truncate"}),
+    count = pack.loaders.token_count
+    contenders = {  # the encode node's call: its tokenization, with the report its count is made from
+        "pack": lambda t: count.tokenize(ours.tokenize_with_weights, t, "truncate")[0],
         "fast": lambda t: fast(t, padding="max_length", truncation=True, max_length=52)["input_ids"],
     }
     out = {"transformers": transformers.__version__, "fast_class": type(fast).__name__,

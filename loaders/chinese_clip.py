@@ -102,6 +102,8 @@ def _ranges(cps):
 
 def clean(text):
     """text without the characters the reference tokenizer removes (see _classes)."""
+    if text.isprintable() and "\ufffd" not in text:  # no category C at all (a quick test in C): nothing to remove
+        return text
     return _dropped().sub("", text)
 
 
@@ -119,11 +121,11 @@ def _rust_gaps_cached(key, fast):
                 continue
             spaced += [cp for cp in block if not splits(cp)]
     removed = [cp for cp in marks if norm.normalize_str("a" + chr(cp)) != "a"] if strip_accents else []
-    return _class_pattern(spaced), _class_pattern(removed)
+    return _class_pattern(spaced), _class_pattern(removed), frozenset(map(chr, spaced + removed))
 
 
 def _rust_gaps(fast, strip_accents, split_chinese):
-    """(spaced, removed) patterns: the punctuation and CJK ideographs the Rust tokenizer does not split, and the
+    """(spaced, removed) patterns and the set of their characters: the punctuation and CJK ideographs the Rust tokenizer does not split, and the
     combining marks its normalizer does not strip, though Python's Unicode database (BertTokenizer's) says so."""
     return _rust_gaps_cached((strip_accents, split_chinese), _Key(fast))
 
@@ -154,10 +156,10 @@ class ReferenceText:
 
     def __init__(self, fast, strip_accents, split_chinese):
         self.fast, self.strip_accents, self.split_chinese = fast, strip_accents, split_chinese
-        self.spaced, self.removed = _rust_gaps(fast, strip_accents, split_chinese)
+        self.spaced, self.removed, self.affected = _rust_gaps(fast, strip_accents, split_chinese)
 
     def prepare(self, text):
-        if text.isascii():
+        if text.isascii() or self.affected.isdisjoint(text):
             return text
         if self.removed is not None:
             text = self.removed.sub("", text)
@@ -226,8 +228,8 @@ class ChineseCLIPTokenizer(sd1_clip.SDTokenizer):
                 log.warning("Chinese-CLIP prompt is longer than %d tokens: %s%d tokens were dropped (truncate mode, "
                             "as the reference pipeline does). Choose 'chunk' on the encode node to keep them.",
                             self.max_length, "at least " if limited else "", dropped)
-            windows = windows[:1]
-        return windows if return_word_ids else [[t[:2] for t in w] for w in windows]
+            windows, plain = windows[:1], plain[:1]
+        return windows if return_word_ids else plain
 
     def tokenize_bounded(self, text, settle, tokenizer_options={}, first_cut=None, **kwargs):
         """(windows with word ids, limited): ComfyUI's tokenization of as much of text (less the characters `clean` removes)
@@ -241,7 +243,9 @@ class ChineseCLIPTokenizer(sd1_clip.SDTokenizer):
             cut = len(part) if whole else safe_cut(part, min(end, len(part)), self.split_chinese)
             if cut < len(part) or whole:
                 prefix = part[:cut]
-                check_nesting(prefix)
+                weighted = "(" in prefix  # without one, every weight is ComfyUI's 1.0
+                if weighted:
+                    check_nesting(prefix)
                 try:
                     windows = super().tokenize_with_weights(prefix, True, tokenizer_options=tokenizer_options,
                                                             **kwargs)
@@ -250,7 +254,8 @@ class ChineseCLIPTokenizer(sd1_clip.SDTokenizer):
                         raise
                     raise PromptError("The prompt has 'embedding:' with no embedding name after it; write "
                                       "embedding:<file name> or remove it.") from None
-                check_weights(windows)
+                if weighted:
+                    check_weights(windows)
                 if whole or settled(windows, settle, self.max_word_length):
                     return windows, not whole
             end = 2 * end + 1
