@@ -135,7 +135,7 @@ def _read_unet(folder):
 def _read_vae(folder):
     from .vae import check_vae, read_vae_folder, vae_settings
     sd, weights, config = read_vae_folder(os.path.join(folder, "vae"))
-    scale, factor = vae_settings(config)
+    scale, factor = vae_settings(config, sd, weights)
     sd = check_vae(sd, weights)  # the loaders' checks (on ComfyUI's VAE built without weights), ComfyUI's layout
     return sd, scale, factor
 

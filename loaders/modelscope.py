@@ -34,7 +34,7 @@ def load_folder(folder, prediction="auto", unet_dtype=None, clip_dtype=None, cli
     folder = os.fspath(folder)
     check_folder(folder)
     vae_sd, vae_path, vae_config = read_vae_folder(os.path.join(folder, "vae"))
-    scale, _ = vae_settings(vae_config)
+    scale, _ = vae_settings(vae_config, vae_sd, vae_path)
     vae = build_vae(vae_sd, vae_path)
     scheduler_config = os.path.join(folder, "scheduler", "scheduler_config.json")
     model = unet.load_unet(os.path.join(folder, "unet"), prediction=prediction, dtype=unet_dtype,

@@ -101,6 +101,9 @@ def build(vocab, config, source, normalizer=None, specials=()):
             raise ModelLoadError(source, f"the token {show(tok)} twice (ids {seen[tok]} and {i})",
                                  "a vocabulary of distinct tokens")
         seen[tok] = i
+    if config.has("do_basic_tokenize") and not config.boolean("do_basic_tokenize"):
+        config.fail("do_basic_tokenize", False, "true: BERT's basic tokenization (splitting at spaces, punctuation "
+                    "and ideographs) before WordPiece, the only kind the pack implements")
     settings = {}
     for key, default in SETTINGS.items():
         if config.has(key):

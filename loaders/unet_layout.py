@@ -189,7 +189,8 @@ def check_diffusers_config(config):
         "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "norm_eps": 1e-5,
         "center_input_sample": False, "mid_block_scale_factor": 1, "time_cond_proj_dim": None,
         "attention_type": "default", "conv_in_kernel": 3, "conv_out_kernel": 3,
-        "num_class_embeds": None, "projection_class_embeddings_input_dim": None,
+        "num_class_embeds": None, "projection_class_embeddings_input_dim": None, "time_embedding_dim": None,
+        "time_embedding_act_fn": None, "timestep_post_act": None, "reverse_transformer_layers_per_block": None,
     }
     for key, default in unsupported.items():
         value = config.raw(key, default)
@@ -237,6 +238,14 @@ def check_against_config(config, unet_config, path):
         return None if not config.has(key) else read(key)
 
     layers = config.raw("layers_per_block")
+    depths = [max(unet_config["transformer_depth"][a:a + n], default=0) for a, n in zip(starts, res)]
+    per_block = config.raw("transformer_layers_per_block")
+    said_layers = None
+    if per_block is not None:  # one number, or one per down block; read for the blocks with cross-attention
+        said_layers = config.integers("transformer_layers_per_block", lo=1) if isinstance(per_block, list) else \
+            [config.integer("transformer_layers_per_block", lo=1)] * len(res)
+        if len(said_layers) == len(res):
+            said_layers = [v if attn else None for v, attn in zip(said_layers, down)]
     checks = [
         ("block_out_channels", said("block_out_channels", lambda k: config.integers(k, lo=1)), block_widths(unet_config)),
         ("layers_per_block", None if layers is None else
@@ -249,11 +258,19 @@ def check_against_config(config, unet_config, path):
         ("down_block_types", said("down_block_types", lambda k: [t.startswith("CrossAttn") for t in config.strings(k)]),
          down),
         ("up_block_types", said("up_block_types", lambda k: [t.startswith("CrossAttn") for t in config.strings(k)]), up),
+        ("transformer_layers_per_block", said_layers, [d if attn else None for d, attn in zip(depths, down)]),
+        ("use_linear_projection", said("use_linear_projection", lambda k: config.boolean(k)),
+         unet_config["use_linear_in_transformer"]),
     ]
     for key, value, found in checks:
         if value is not None and value != found:
-            shown = {"down_block_types": f"cross-attention {found}", "up_block_types": f"cross-attention {found}"}
-            config.fail(key, config.raw(key), f"{shown.get(key, found)} as in the weights ({os.path.basename(path)}): "
+            if key in ("down_block_types", "up_block_types"):
+                shown = f"cross-attention {found}"
+            elif key == "transformer_layers_per_block":
+                shown = f"{[d for d in found if d is not None]} for the cross-attention blocks of {len(found)} down blocks"
+            else:
+                shown = found
+            config.fail(key, config.raw(key), f"{shown} as in the weights ({os.path.basename(path)}): "
                         "a config.json and weights of the same UNet (a download cut short?)")
 
 

@@ -67,10 +67,32 @@ def read_vae_folder(folder):
     return read_state_dict(weights), weights, config
 
 
-def vae_settings(config):
-    """(latent scaling factor, downscale factor) from a diffusers VAE config.json (Values)."""
+def weight_levels(sd):
+    """The encoder's block widths, level by level, as a VAE state dict (either layout) holds them ([] if none)."""
+    widths = []
+    for i in range(64):
+        tensor = sd.get(f"encoder.down_blocks.{i}.resnets.0.conv2.weight", sd.get(f"encoder.down.{i}.block.0.conv2.weight"))
+        if tensor is None or len(tensor.shape) != 4:
+            break
+        widths.append(int(tensor.shape[0]))
+    return widths
+
+
+def vae_settings(config, sd=None, weights=None):
+    """(latent scaling factor, downscale factor) from a diffusers VAE config.json (Values); with the VAE's state
+    dict (either layout) and its file, the config's levels must be the weights' (a config.json of another VAE
+    beside these weights would otherwise be read without a word)."""
     scale = latent_scale(config.raw("scaling_factor", SD_LATENT_SCALE), config.path, "scaling_factor")
     levels = config.integers("block_out_channels", default=[128, 256, 512, 512], lo=1, max_items=8)
     if not levels:
         config.fail("block_out_channels", [], "a list of 1 to 8 integers")
+    for key in ("shift_factor", "latents_mean", "latents_std"):  # SD3/SDXL-style latent normalisation
+        if config.raw(key, None) not in (None, 0):
+            config.fail(key, config.raw(key), "none (an SD VAE's latents are only scaled, by scaling_factor)")
+    if sd is not None and config.has("block_out_channels"):
+        found = weight_levels(sd)
+        if found and found != levels:
+            config.fail("block_out_channels", config.raw("block_out_channels"),
+                        f"{found} as in the weights ({os.path.basename(weights or '')}): a config.json and weights of "
+                        "the same VAE")
     return scale, 2 ** (len(levels) - 1)

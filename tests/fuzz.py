@@ -160,9 +160,10 @@ def mutated_json(draw, original, extra_keys=(), whole_file_odds=15):
 # running a load on hostile input
 
 
-def expect_loaded_or_refused(load, names, stats_key, error_type, seconds=60):
+def expect_loaded_or_refused(load, names, stats_key, error_type, seconds=60, took_effect=None):
     """Run load() under a time limit. It either returns tensors, all finite, or raises error_type with one
-    line naming one of `names` (the hostile file). Anything else (another exception, a hang, a NaN) fails."""
+    line naming one of `names` (the hostile file). Anything else (another exception, a hang, a NaN) fails.
+    took_effect(outputs), where given, is called on a load's outputs: it asserts the mutated values were used."""
     try:
         with time_limit(seconds):
             outputs = load()
@@ -174,5 +175,59 @@ def expect_loaded_or_refused(load, names, stats_key, error_type, seconds=60):
         return "refused"
     for out in outputs:
         assert out.isfinite().all(), f"non-finite output from {stats_key}"
+    if took_effect is not None:
+        took_effect(outputs)
     STATS[stats_key]["loaded"] += 1
     return "loaded"
+
+
+# ----------------------------------------------------------------------------------------------
+# did an accepted mutation take effect?
+
+
+def comparable(value):
+    """A JSON value in a form where equal means the same to a reader: 16 and 16.0 alike, NaN equal to NaN."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        try:
+            number = float(value)
+        except OverflowError:
+            return ("number", value)
+        return ("number", "nan" if math.isnan(number) else number)
+    if isinstance(value, list):
+        return tuple(comparable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), comparable(v)) for k, v in value.items()))
+    return repr(value)
+
+
+def changed_keys(original, content):
+    """The top-level keys to which a mutated JSON file (bytes) gives a value (not null) other than the original
+    document's; None where the file is no JSON object. A key deleted or set to null is not counted: the reader
+    then takes its default (or derives the value from the weights), which may well be the original value."""
+    try:
+        doc = json.loads(content)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict) or not isinstance(original, dict):
+        return None
+    def changed(key, value):
+        if value is None:
+            return False
+        if key not in original:  # added: counts unless it is an object of nothing but nulls (all defaults)
+            return not (isinstance(value, dict) and all(v is None for v in value.values()))
+        old = original[key]
+        if isinstance(value, dict) and isinstance(old, dict):  # inside too, only deleted or nulled entries: defaults
+            return any(changed_keys(old, json.dumps({k: v}).encode()) for k, v in value.items())
+        return comparable(value) != comparable(old)
+
+    try:
+        return {k for k, v in doc.items() if changed(k, v)}
+    except (ValueError, TypeError, RecursionError):  # what json.dumps cannot write back: changed
+        return {k for k, v in doc.items() if v is not None}
+
+
+def same_outputs(a, b):
+    return len(a) == len(b) and all(x.shape == y.shape and x.dtype == y.dtype and bool((x == y).all())
+                                    for x, y in zip(a, b))

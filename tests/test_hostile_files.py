@@ -14,12 +14,15 @@ from hypothesis import given, settings, strategies as st
 
 import nodes as comfy_nodes
 from conftest import pack
-from fuzz import STATS, dumps, expect_loaded_or_refused, fuzz_settings, json_values, mutated_json, whole_files
+from fuzz import (STATS, changed_keys, dumps, expect_loaded_or_refused, fuzz_settings, json_values, mutated_json,
+                  same_outputs, whole_files)
 from tiny_models import FUZZ_VARIANT, save_pretrained, write_tokenizer_transformers5
 
 loaders = pack.loaders
 ModelLoadError = loaders.ModelLoadError
 PROMPT = "中国山水画，远山 a cat"
+# a text whose tokens show the tokenizer's settings: case, accents, ideographs, special tokens, punctuation
+SETTINGS_PROBE = "中国山水画 A Cat Café Ünïcödé [MASK] 詞，x"
 
 
 def _link_copy(src, dest):
@@ -90,12 +93,17 @@ def encode(clip):
     return clip.encode_from_tokens(clip.tokenize(PROMPT))
 
 
+def token_ids(clip):
+    return torch.tensor([[t[0] for t in window] for window in clip.tokenize(SETTINGS_PROBE)["chinese_clip"]])
+
+
 def load_text(folder):
     pack.loaders.modelscope.check_folder(str(folder))
     tower = loaders.text_tower.read_text_encoder(str(folder / "text_encoder"))
-    cond = encode(loaders.chinese_clip.build_clip(tower, dtype=torch.float32))
+    clip = loaders.chinese_clip.build_clip(tower, dtype=torch.float32)
+    cond = encode(clip)
     assert cond.shape == (1, tower.recipe.max_length, tower.config["hidden_size"])
-    return [cond]
+    return [cond, token_ids(clip)]
 
 
 def sample(model, context_width=1024):
@@ -115,7 +123,8 @@ def load_unet(folder):
 def load_whole_folder(folder):
     model, clip, vae = loaders.modelscope.load_folder(str(folder), unet_dtype=torch.float32, clip_dtype=torch.float32)
     latent = torch.ones(1, 4, 4, 4)
-    return [encode(clip), model.model.latent_format.process_out(latent), vae.decode(latent), sample(model)]
+    return [encode(clip), token_ids(clip), model.model.latent_format.process_out(latent), vae.decode(latent),
+            sample(model)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,11 +148,82 @@ TEXT_FILES = ["text_encoder/config.json", "tokenizer/tokenizer_config.json", "to
               "model_index.json", "configuration.json"]
 
 
+# Keys no loader reads at inference (training settings, provenance, what only decoding uses): any value there
+# changes nothing, as it changes nothing in transformers and diffusers at inference.
+UNREAD = {
+    # training and text-generation settings (transformers 5 writes bos/eos ids; an encoder reads neither);
+    # use_attention_mask, read for a stock diffusers pipeline's recipe, not for ModelScope's (this fixture's)
+    "text_encoder/config.json": {"architectures", "attention_probs_dropout_prob", "hidden_dropout_prob", "dtype",
+                                 "torch_dtype", "initializer_factor", "initializer_range", "transformers_version",
+                                 "use_cache", "bos_token_id", "eos_token_id", "use_attention_mask"},
+    "tokenizer/tokenizer_config.json": {"clean_up_tokenization_spaces"},
+    "tokenizer/special_tokens_map.json": set(),
+    # diffusers options that UNet2DConditionModel reads only for other block or embedding types than an SD UNet's
+    # (those types are refused: check_diffusers_config); dropout, a training setting
+    "unet/config.json": {"_diffusers_version", "dropout", "mid_block_only_cross_attention", "cross_attention_norm",
+                         "addition_embed_type_num_heads", "addition_time_embed_dim", "class_embeddings_concat",
+                         "encoder_hid_dim_type", "resnet_out_scale_factor", "resnet_skip_time_act",
+                         "upcast_attention"},
+    "scheduler/scheduler_config.json": {"_diffusers_version", "clip_sample", "clip_sample_range", "thresholding",
+                                        "dynamic_thresholding_ratio", "sample_max_value", "set_alpha_to_one",
+                                        "steps_offset", "timestep_spacing"},
+    # ComfyUI builds the VAE from its weights; of the architecture the config describes, block_out_channels is
+    # checked against the weights (loaders/vae.py), the rest is not read
+    "vae/config.json": {"_diffusers_version", "sample_size", "down_block_types", "up_block_types", "layers_per_block",
+                        "latent_channels", "in_channels", "out_channels", "norm_num_groups", "act_fn",
+                        "force_upcast", "mid_block_add_attention", "use_quant_conv", "use_post_quant_conv"},
+    # the parts are read from their own folders and configs; the index's entries for them only name classes
+    "model_index.json": {"_diffusers_version", "feature_extractor", "safety_checker", "requires_safety_checker",
+                         "image_encoder", "scheduler", "unet", "vae"},
+    "configuration.json": {"framework", "task"},
+    # vocabulary and normalizer come from tokenizer.json; windows, padding and [CLS]/[SEP] from the recipe
+    "tokenizer/tokenizer.json": {"truncation", "padding", "decoder", "post_processor"},
+    "text_encoder/model.safetensors.index.json": {"metadata"},
+}
+# Keys read only to tell what kind of model a file is (the check refuses other kinds; PROBE_CASES): a value the
+# check accepts changes nothing
+CHECKED = {"_class_name", "model_type", "architectures", "pipeline", "model", "tokenizer_class", "version",
+           "text_encoder", "tokenizer"}
+# Keys that are read, but whose nearby values leave a tiny model's outputs on these probes equal to the bit: an
+# epsilon next to variances of order one; the flags of special tokens (lstrip, normalized, ...) and the mask token
+# (a masked-LM training token, skipped where the vocabulary lacks it), which matter only where a text holds them
+INVISIBLE = {"layer_norm_eps", "norm_eps", "added_tokens_decoder", "added_tokens", "mask_token"}
+# special tokens that tokenizer_config.json names win over special_tokens_map.json's (loaders/tokenizer_files.py)
+SHADOWED_BY = {"tokenizer/special_tokens_map.json": "tokenizer/tokenizer_config.json"}
+_ORIGINAL_OUTPUTS = {}
+
+
+def effect_check(folder, name, load, content):
+    """took_effect for a mutated file: a load that gives the original file's outputs to the bit must owe that to
+    keys no loader reads (UNREAD), identifiers the kind check accepts (CHECKED), values too close to show
+    (INVISIBLE), values another file overrides (SHADOWED_BY), or to deleted or null values (defaults); else a
+    value was silently ignored."""
+    def took_effect(outputs):
+        key = (str(folder), name, load.__name__)
+        if key not in _ORIGINAL_OUTPUTS:
+            with hostile(folder / name, ORIGINALS[key[:2]]):
+                _ORIGINAL_OUTPUTS[key] = load(folder)
+        if not same_outputs(outputs, _ORIGINAL_OUTPUTS[key]):
+            return
+        changed = changed_keys(json.loads(ORIGINALS[key[:2]]), content)
+        assert changed is not None, f"{name}: {content[:200]!r} loaded as if it were the original file"
+        shadowed = set(original_json(folder, SHADOWED_BY[name])) if name in SHADOWED_BY else set()
+        ignored = sorted(changed - UNREAD[name] - CHECKED - INVISIBLE - shadowed)
+        assert not ignored, (f"{name}: the values of {ignored} were accepted but changed nothing (the outputs are "
+                             f"the original file's): silently ignored. File: {content[:400]!r}")
+    return took_effect
+
+
+ORIGINALS = {}  # (folder, name): the valid file's bytes
+
+
 def fuzz_file(folder, name, load, data, stats_key=None):
     path = folder / name
+    ORIGINALS.setdefault((str(folder), name), path.read_bytes())
     content = data.draw(mutated_json(original_json(folder, name), EXTRA_KEYS[name]), label=name)
     with hostile(path, content):
-        expect_loaded_or_refused(lambda: load(folder), [name.replace("/", os.sep)], stats_key or name, ModelLoadError)
+        expect_loaded_or_refused(lambda: load(folder), [name.replace("/", os.sep)], stats_key or name, ModelLoadError,
+                                 took_effect=effect_check(folder, name, load, content))
 
 
 def fuzz(stats_key, examples, body):
