@@ -13,6 +13,7 @@ weighting syntax and embeddings work as on the whole prompt; a count made on par
 """
 
 import functools
+import itertools
 import json
 import logging
 import math
@@ -51,6 +52,13 @@ MAX_WEIGHT = 100.0
 MAX_NESTING = 32  # parentheses nested deeper than this are refused (each level is a pass over the prompt)
 
 
+# Planes 4 to 13 hold no assigned character and planes 15 and 16 only private use (Unicode 16): category C
+# throughout, so _classes reads the categories of planes 0-3 and 14 only, a third of the code points
+# (tests/test_tokenizer.py checks this against Python's Unicode database)
+UNASSIGNED_PLANES = ((0x40000, 0xE0000), (0xF0000, 0x110000))
+SCANNED_PLANE_14 = (0xE0000, 0xF0000)
+
+
 @functools.lru_cache(maxsize=1)
 def _classes():
     """Character classes from Python's Unicode database (what transformers' BertTokenizer and cn_clip use), built
@@ -62,7 +70,7 @@ def _classes():
     "\\(". The other three are the candidates for what the Rust tokenizer's older Unicode tables (and its CJK range,
     which misses U+2B820-U+2B91F) may not know: non-ASCII punctuation, CJK ideographs, combining marks (Mn)."""
     dropped, punct, cjk, marks = [], [], [], []
-    for cp in range(0x110000):
+    for cp in itertools.chain(range(UNASSIGNED_PLANES[0][0]), range(*SCANNED_PLANE_14)):
         char = chr(cp)
         cat = unicodedata.category(char)
         if cp == 0xFFFD or (cat[0] == "C" and char not in "\t\n\r"):
@@ -73,6 +81,8 @@ def _classes():
             marks.append(cp)
         if _is_cjk(char):
             cjk.append(cp)
+    for start, end in UNASSIGNED_PLANES:  # category C throughout
+        dropped.extend(range(start, end))
     return dropped, punct, cjk, marks
 
 

@@ -101,3 +101,14 @@ def test_no_cn_clip_import_at_run_time():
             "t = m.loaders.chinese_clip.ChineseCLIPTokenizerSet(); t.tokenize_with_weights('中国山水画');"
             "assert 'cn_clip' not in sys.modules, 'cn_clip imported'")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
+
+
+def test_the_unscanned_planes_are_all_category_c():
+    """chinese_clip._classes reads the Unicode categories of planes 0-3 and 14 only and counts the rest as
+    category C (dropped): true of this Python's Unicode database, for every code point of those planes."""
+    import unicodedata
+    for start, end in chinese_clip.UNASSIGNED_PLANES:
+        other = [cp for cp in range(start, end) if unicodedata.category(chr(cp))[0] != "C"]
+        assert other == [], f"assigned code points in U+{start:X}-U+{end - 1:X}: {[hex(c) for c in other[:5]]}"
+    dropped = set(chinese_clip._classes()[0])
+    assert all(cp in dropped for start, end in chinese_clip.UNASSIGNED_PLANES for cp in (start, end - 1))
