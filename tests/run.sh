@@ -6,7 +6,8 @@
 # --setup-only prepares the environment(s) and prints, for each, a line `PYTHON=... COMFYUI_PATH=...`
 # (what the benchmarks and the run command use) instead of running pytest.
 #
-# Without --host / --transformers it runs the whole supported matrix, one combination after the other:
+# Without --host / --transformers it runs the whole supported matrix (set up one after the other, the suites
+# side by side; CNSD_PARALLEL=0 runs them one after the other):
 #   ComfyUI 0.3.52 (the oldest the pack supports) with transformers 4.57.6, and
 #   ComfyUI 0.33.0 (the newest we can get) with transformers 5.24.0.
 # ComfyUI 0.3.75 (with transformers 5.24.0) stays runnable with --host 0.3.75.
@@ -145,7 +146,6 @@ trap cleanup EXIT
 
 failed=""
 [ "$setup_only" = 1 ] || { ensure_browser; setup_comfy_cli; }
-for combo in $combos; do setup_combo "${combo%%:*}" "${combo#*:}"; done
 # environments of earlier versions of this script (the test environments are now venv-tests-*)
 rm -rf "$cache/venv" "$cache"/venv-comfyui*-transformers*
 if [ "$setup_only" = 1 ]; then
@@ -155,13 +155,13 @@ if [ "$setup_only" = 1 ]; then
     done
     exit 0
 fi
-for combo in $combos; do
-    host=${combo%%:*} tf=${combo#*:}
-    setup_combo "$host" "$tf"
-    log "ComfyUI $host, transformers $tf: running pytest"
-    tmp=$tmp_root/comfyui$host-transformers$tf
+
+run_pytest() {  # run_pytest HOST TRANSFORMERS PYTHON COMFYUI [pytest args...]: one combination's suite
+    local host=$1 tf=$2 py=$3 comfy=$4
+    shift 4
+    local tmp=$tmp_root/comfyui$host-transformers$tf rc=0
     mkdir -p "$tmp/tmp"
-    set +e
+    log "ComfyUI $host, transformers $tf: running pytest"
     (
         cd "$pack_dir"
         export COMFYUI_PATH=$comfy CNSD_TEST_CACHE=$cache PYTHONIOENCODING=utf-8 TMPDIR=$tmp/tmp \
@@ -169,13 +169,43 @@ for combo in $combos; do
         # --confcutdir: the repository root (the pack, a package of its own) is no test package: pytest would
         # import its __init__.py under the folder's name, which fails where that is no identifier (my-pack)
         exec "$py" -m pytest --basetemp="$tmp/pytest" --confcutdir="$pack_dir/tests" "$@"
-    )
-    rc=$?
-    set -e
-    if [ "$rc" = 5 ]; then log "pytest collected no tests"; fi
-    [ "$rc" = 0 ] || failed="$failed $combo(exit $rc)"
+    ) || rc=$?
+    [ "$rc" != 5 ] || log "pytest collected no tests"
     [ "${CNSD_KEEP_TMP:-0}" = 1 ] || rm -rf "$tmp"
+    return "$rc"
+}
+
+# Every combination is set up first, one after the other (downloads, pip); then their suites run side by side:
+# one suite keeps 2 cores less than busy (it waits on servers, the browser, subprocesses), so two together
+# finish sooner than one after the other. CNSD_PARALLEL=0 runs them one after the other.
+names=() pythons=() comfys=()
+for combo in $combos; do
+    setup_combo "${combo%%:*}" "${combo#*:}"
+    names+=("$combo") pythons+=("$py") comfys+=("$comfy")
 done
+if [ "${#names[@]}" -gt 1 ] && [ "${CNSD_PARALLEL:-1}" != 0 ]; then
+    log "running the suites of ${names[*]} side by side; each one's output follows when it has ended"
+    pids=()
+    for i in "${!names[@]}"; do
+        combo=${names[$i]}
+        run_pytest "${combo%%:*}" "${combo#*:}" "${pythons[$i]}" "${comfys[$i]}" "$@" >"$tmp_root/pytest-$i.log" 2>&1 &
+        pids+=($!)
+    done
+    for i in "${!names[@]}"; do
+        rc=0
+        wait "${pids[$i]}" || rc=$?
+        log "==== ComfyUI ${names[$i]%%:*}, transformers ${names[$i]#*:}: pytest's output (exit $rc) ===="
+        cat "$tmp_root/pytest-$i.log"
+        [ "$rc" = 0 ] || failed="$failed ${names[$i]}(exit $rc)"
+    done
+else
+    for i in "${!names[@]}"; do
+        combo=${names[$i]}
+        rc=0
+        run_pytest "${combo%%:*}" "${combo#*:}" "${pythons[$i]}" "${comfys[$i]}" "$@" || rc=$?
+        [ "$rc" = 0 ] || failed="$failed $combo(exit $rc)"
+    done
+fi
 
 if [ -n "$failed" ]; then
     log "FAILED:$failed"
