@@ -54,7 +54,7 @@ MAX_NESTING = 32  # parentheses nested deeper than this are refused (each level 
 
 # Planes 4 to 13 hold no assigned character and planes 15 and 16 only private use (Unicode 16): category C
 # throughout, so _classes reads the categories of planes 0-3 and 14 only, a third of the code points
-# (tests/test_tokenizer.py checks this against Python's Unicode database)
+# (a test of the suite checks this against Python's Unicode database)
 UNASSIGNED_PLANES = ((0x40000, 0xE0000), (0xF0000, 0x110000))
 SCANNED_PLANE_14 = (0xE0000, 0xF0000)
 
