@@ -135,8 +135,9 @@ def _rust_gaps_cached(key, fast):
 
 
 def _rust_gaps(fast, strip_accents, split_chinese):
-    """(spaced, removed) patterns and the set of their characters: the punctuation and CJK ideographs the Rust tokenizer does not split, and the
-    combining marks its normalizer does not strip, though Python's Unicode database (BertTokenizer's) says so."""
+    """(spaced, removed) patterns and the set of their characters: the punctuation and CJK ideographs the Rust
+    tokenizer does not split, and the combining marks its normalizer does not strip, though Python's Unicode
+    database (BertTokenizer's) says so."""
     return _rust_gaps_cached((strip_accents, split_chinese), _Key(fast))
 
 
