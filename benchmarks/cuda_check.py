@@ -29,7 +29,6 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PACK_DIR = os.path.dirname(HERE)
-PACK_NAME = "comfyui_chinese_sd"
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
 sys.path.append(PACK_DIR)
 from runner.demo import random_tensor  # noqa: E402  (the run command's demo model's values: finite activations)

@@ -91,7 +91,7 @@ def build_demo(path, comfyui):
     tensors = {}
     for prefix, module in parts.items():
         for key, meta_tensor in sorted(module.state_dict().items()):
-            tensors[prefix + key] = _random_tensor(key, meta_tensor.shape, gen).to(torch.float16)
+            tensors[prefix + key] = random_tensor(key, meta_tensor.shape, gen).to(torch.float16)
     meta = {
         **metadata.common("checkpoint", "chinese_sd_demo (random weights)", "fp16"),
         **metadata.unet_entries("sd2.x", "epsilon", unet_layout.SD_SCHEDULER,
@@ -101,7 +101,7 @@ def build_demo(path, comfyui):
     safetensors.torch.save_file(tensors, path, metadata=meta)
 
 
-def _random_tensor(key, shape, gen):
+def random_tensor(key, shape, gen):
     """Values that keep activations finite and of order one: norm scales near 1 (the only 1-D weights in
     these models), small biases and embeddings, other weights scaled by 1/sqrt(fan-in)."""
     import torch

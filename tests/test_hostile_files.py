@@ -190,7 +190,8 @@ CHECKED = {"_class_name", "model_type", "architectures", "pipeline", "model", "t
 INVISIBLE = {"layer_norm_eps", "norm_eps", "added_tokens_decoder", "added_tokens", "mask_token"}
 # special tokens that tokenizer_config.json names win over special_tokens_map.json's (loaders/tokenizer_files.py)
 SHADOWED_BY = {"tokenizer/special_tokens_map.json": "tokenizer/tokenizer_config.json"}
-_ORIGINAL_OUTPUTS = {}
+ORIGINALS = {}  # (folder, name): the valid file's bytes
+_ORIGINAL_OUTPUTS = {}  # (folder, name, load): its outputs
 
 
 def effect_check(folder, name, load, content):
@@ -213,8 +214,6 @@ def effect_check(folder, name, load, content):
                              f"the original file's): silently ignored. File: {content[:400]!r}")
     return took_effect
 
-
-ORIGINALS = {}  # (folder, name): the valid file's bytes
 
 
 def fuzz_file(folder, name, load, data, stats_key=None):
