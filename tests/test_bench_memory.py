@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import comfy.sd
-from conftest import pack
+from conftest import PACK_DIR, pack
 
 loaders = pack.loaders
 PREFIXES = (loaders.metadata.UNET_PREFIX, loaders.metadata.TEXT_PREFIX, loaders.metadata.VAE_PREFIX)
@@ -101,3 +101,15 @@ def test_cast_copies_only_what_it_must(tmp_path):
     assert {k for k, v in half.items() if v.dtype == torch.float16} == {"a", "b", "t", "z", "e"}
     assert half["i"] is sd["i"]  # integers are kept as they are
     save_file(half, tmp_path / "y.safetensors")
+
+
+def test_the_gpu_script_and_the_benchmark_worker_import():
+    """benchmarks/cuda_check.py runs on a lent GPU machine, where a broken import costs the session's device time:
+    its imports (and the worker's, whose setup it calls) resolve here."""
+    import importlib.util
+    for name in ("cuda_check", "worker"):
+        path = os.path.join(PACK_DIR, "benchmarks", f"{name}.py")
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert callable(module.setup)
