@@ -156,16 +156,16 @@ if [ "$setup_only" = 1 ]; then
     exit 0
 fi
 
-run_pytest() {  # run_pytest HOST TRANSFORMERS PYTHON COMFYUI [pytest args...]: one combination's suite
-    local host=$1 tf=$2 py=$3 comfy=$4
-    shift 4
+run_pytest() {  # run_pytest HOST TRANSFORMERS PYTHON COMFYUI PRODUCT_TESTS [pytest args...]: one combination's suite
+    local host=$1 tf=$2 py=$3 comfy=$4 product_tests=$5
+    shift 5
     local tmp=$tmp_root/comfyui$host-transformers$tf rc=0
     mkdir -p "$tmp/tmp"
     log "ComfyUI $host, transformers $tf: running pytest"
     (
         cd "$pack_dir"
         export COMFYUI_PATH=$comfy CNSD_TEST_CACHE=$cache PYTHONIOENCODING=utf-8 TMPDIR=$tmp/tmp \
-            HYPOTHESIS_STORAGE_DIRECTORY=$tmp/hypothesis CNSD_COMFY_CLI=$comfy_cli
+            HYPOTHESIS_STORAGE_DIRECTORY=$tmp/hypothesis CNSD_COMFY_CLI=$comfy_cli CNSD_PRODUCT_TESTS=$product_tests
         # --confcutdir: the repository root (the pack, a package of its own) is no test package: pytest would
         # import its __init__.py under the folder's name, which fails where that is no identifier (my-pack)
         exec "$py" -m pytest --basetemp="$tmp/pytest" --confcutdir="$pack_dir/tests" "$@"
@@ -178,6 +178,9 @@ run_pytest() {  # run_pytest HOST TRANSFORMERS PYTHON COMFYUI [pytest args...]: 
 # Every combination is set up first, one after the other (downloads, pip); then their suites run side by side:
 # one suite keeps 2 cores less than busy (it waits on servers, the browser, subprocesses), so two together
 # finish sooner than one after the other. CNSD_PARALLEL=0 runs them one after the other.
+# The tests of the product's own environment (the run command's bootstrap, whatever the test bed's host) run in
+# one suite only: the first combination's (ComfyUI 0.3.52's, the shorter suite); CNSD_PRODUCT_TESTS=0 in the others
+product_tests() { [ "$1" = 0 ] && echo 1 || echo 0; }
 names=() pythons=() comfys=()
 for combo in $combos; do
     setup_combo "${combo%%:*}" "${combo#*:}"
@@ -185,10 +188,16 @@ for combo in $combos; do
 done
 if [ "${#names[@]}" -gt 1 ] && [ "${CNSD_PARALLEL:-1}" != 0 ]; then
     log "running the suites of ${names[*]} side by side; each one's output follows when it has ended"
+    # each suite's processes (pytest, its ComfyUI servers, the run command) get an equal share of the cores for
+    # torch's thread pool: two pools of all the cores each spin against each other and slow both suites down
+    cores=$(nproc 2>/dev/null || echo 2)
+    threads=$(( cores / ${#names[@]} ))
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}
     pids=()
     for i in "${!names[@]}"; do
         combo=${names[$i]}
-        run_pytest "${combo%%:*}" "${combo#*:}" "${pythons[$i]}" "${comfys[$i]}" "$@" >"$tmp_root/pytest-$i.log" 2>&1 &
+        run_pytest "${combo%%:*}" "${combo#*:}" "${pythons[$i]}" "${comfys[$i]}" "$(product_tests "$i")" "$@" \
+            >"$tmp_root/pytest-$i.log" 2>&1 &
         pids+=($!)
     done
     for i in "${!names[@]}"; do
@@ -202,7 +211,7 @@ else
     for i in "${!names[@]}"; do
         combo=${names[$i]}
         rc=0
-        run_pytest "${combo%%:*}" "${combo#*:}" "${pythons[$i]}" "${comfys[$i]}" "$@" || rc=$?
+        run_pytest "${combo%%:*}" "${combo#*:}" "${pythons[$i]}" "${comfys[$i]}" "$(product_tests "$i")" "$@" || rc=$?
         [ "$rc" = 0 ] || failed="$failed $combo(exit $rc)"
     done
 fi

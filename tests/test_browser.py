@@ -115,27 +115,54 @@ def set_locale(page, locale):
     wait_ready(page)
 
 
-@pytest.fixture
-def page(browser, ui_server):
+def open_page(browser, server, locale="en"):
+    """A new tab on the server, as a returning user opens ComfyUI: the user's settings (kept by the server) say
+    the tutorial is done (a first visit opens the template browser by itself) and which language to show, so the
+    page loads once, in that language. The tab collects its page errors and console messages."""
+    assert server.post("/settings", {"Comfy.TutorialCompleted": True, "Comfy.Locale": locale}) == 200
     context = browser.new_context(viewport={"width": 1440, "height": 900}, device_scale_factor=1)
     page = context.new_page()
-    errors, console = [], []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.on("console", lambda m: console.append((m.type, m.text)))
-    page.goto(ui_server.url, wait_until="networkidle")
+    page.page_errors, page.console_messages = [], []
+    page.on("pageerror", lambda e: page.page_errors.append(str(e)))
+    page.on("console", lambda m: page.console_messages.append((m.type, m.text)))
+    page.goto(server.url, wait_until="networkidle")
     wait_ready(page)
-    # a first visit opens the template browser by itself: what a returning user sees starts from a closed one
-    page.evaluate("() => app.extensionManager.setting.set('Comfy.TutorialCompleted', true)")
-    if page.evaluate("() => app.extensionManager.setting.get('Comfy.Locale')") != "en":
-        set_locale(page, "en")
+    assert page.evaluate("() => app.extensionManager.setting.get('Comfy.Locale')") == locale
     close_dialogs(page)
-    page.page_errors = errors
-    page.console_messages = console
+    return page
+
+
+@pytest.fixture
+def page(browser, ui_server, request):
+    """A new tab for the test, in the language it is parametrized with (`locale`; English otherwise); no
+    deprecation warning may reach the browser console."""
+    callspec = getattr(request.node, "callspec", None)
+    page = open_page(browser, ui_server, callspec.params.get("locale", "en") if callspec else "en")
     try:
         yield page
         assert deprecations(page) == []
     finally:
-        context.close()
+        page.context.close()
+
+
+@pytest.fixture(scope="module")
+def browsing_tab(browser, ui_server):
+    """One tab in which the shipped workflows are opened one after the other, as a user browses them."""
+    page = open_page(browser, ui_server)
+    try:
+        yield page
+    finally:
+        page.context.close()
+
+
+@pytest.fixture
+def tab(browsing_tab):
+    """The browsing tab with what the previous test saw cleared: dialogs closed, errors and messages emptied."""
+    close_dialogs(browsing_tab)
+    browsing_tab.page_errors.clear()
+    browsing_tab.console_messages.clear()
+    yield browsing_tab
+    assert deprecations(browsing_tab) == []
 
 
 def deprecations(page):
@@ -281,14 +308,14 @@ def overflowing_text(page):
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_workflow_opens_from_the_template_browser(page, name):
-    open_template(page, name)
+def test_shipped_workflow_opens_from_the_template_browser(tab, name):
+    open_template(tab, name)
     time.sleep(0.5)  # let the frontend raise whatever dialog it would
-    assert graph_problems(page) == []
-    assert visible_warnings(page) == []
-    assert page.page_errors == []
-    assert overlaps(page) == []
-    assert overflowing_text(page) == []
+    assert graph_problems(tab) == []
+    assert visible_warnings(tab) == []
+    assert tab.page_errors == []
+    assert overlaps(tab) == []
+    assert overflowing_text(tab) == []
 
 
 def set_widget(page, node_type, widget, value):
@@ -456,9 +483,6 @@ def test_counter_lines_fit_a_new_node_at_its_default_width(page, locale):
     node, without the node changing size."""
     texts = {"en": ("model not installed: counting with the shipped vocabulary", "Truncate drops", "3 windows"),
              "zh": ("模型未安装：用插件自带词表计数", "截断将丢弃", "3 个窗口")}[locale]
-    if locale != "en":
-        set_locale(page, locale)
-        close_dialogs(page)
     page.evaluate("() => app.graph.clear()")
     node_id = add_encode_node(page)
     page.evaluate("""(id) => { const loader = LiteGraph.createNode('ChineseSD_ModelScopeLoader');
@@ -513,9 +537,6 @@ def test_counter_fits_its_node_whatever_the_prompt(page, locale):
     """Generated prompts (hypothesis) in a node at its default width: the counter answers (a count or the reason
     it cannot), no text runs past the node or is cut off, the node keeps its size, the page raises nothing."""
     from fuzz import STATS, fuzz_settings
-    if locale != "en":
-        set_locale(page, locale)
-        close_dialogs(page)
     page.evaluate("() => app.graph.clear()")
     node_id = add_encode_node(page)
     focus_node(page, node_id)
@@ -607,9 +628,6 @@ def first_heading(node_type, locale):
 @pytest.mark.parametrize("locale", ["en", "zh"])
 def test_help_pages_fit_the_info_panel(page, locale):
     """Every node's help page in the Info panel at its default width: nothing scrolls sideways."""
-    if locale != "en":
-        set_locale(page, locale)
-        close_dialogs(page)
     for node_type in NODE_IDS:
         open_help(page, node_type)
         heading = first_heading(node_type, locale)
