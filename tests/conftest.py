@@ -154,8 +154,8 @@ SLOW = {"test_end_to_end_parity", "test_convert", "test_sd1_family", "test_text_
 def pytest_collection_modifyitems(config, items):
     # The product's own environment (fixture product_env: what run.py sets up for itself, ComfyUI
     # runner.bootstrap.NEWEST_HOST) is the same whatever the test bed's host: in a matrix run tests/run.sh gives
-    # CNSD_PRODUCT_TESTS=0 to every suite but one (the shorter one's), where they are deselected (shown as such),
-    # so that `.ci/run` runs each of them once. A run of one combination (--host) runs them.
+    # CNSD_PRODUCT_TESTS=0 to every pytest run but one, where they are deselected (shown as such), so that
+    # `.ci/run` runs each of them once. A run of one combination (--host) runs them.
     if os.environ.get("CNSD_PRODUCT_TESTS", "1") == "0":
         once = [item for item in items if "product_env" in item.fixturenames]
         if once:

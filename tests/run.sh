@@ -7,7 +7,8 @@
 # (what the benchmarks and the run command use) instead of running pytest.
 #
 # Without --host / --transformers it runs the whole supported matrix (set up one after the other, the suites
-# side by side; CNSD_PARALLEL=0 runs them one after the other):
+# side by side, each in two parts when no pytest arguments are given; CNSD_PARALLEL=0 runs them one after the
+# other, whole):
 #   ComfyUI 0.3.52 (the oldest the pack supports) with transformers 4.57.6, and
 #   ComfyUI 0.33.0 (the newest we can get) with transformers 5.24.0.
 # ComfyUI 0.3.75 (with transformers 5.24.0) stays runnable with --host 0.3.75.
@@ -156,19 +157,30 @@ if [ "$setup_only" = 1 ]; then
     exit 0
 fi
 
-run_pytest() {  # run_pytest HOST TRANSFORMERS PYTHON COMFYUI PRODUCT_TESTS [pytest args...]: one combination's suite
-    local host=$1 tf=$2 py=$3 comfy=$4 product_tests=$5
-    shift 5
-    local tmp=$tmp_root/comfyui$host-transformers$tf rc=0
+# In a matrix run without pytest arguments each combination's suite runs as two parts side by side: these
+# modules (mostly waiting on the browser and on the run command's ComfyUI processes) and all the others
+SPLIT_MODULES="tests/test_browser.py tests/test_run_command.py"
+
+run_pytest() {  # run_pytest HOST TRANSFORMERS PYTHON COMFYUI PRODUCT_TESTS PART [pytest args...]: one combination's
+    # suite (PART: all), or the part of it in SPLIT_MODULES (split) or the other modules (rest)
+    local host=$1 tf=$2 py=$3 comfy=$4 product_tests=$5 part=$6 module
+    shift 6
+    # short: chromium's socket lives below it, and a socket's path has at most 107 bytes
+    local tmp=$tmp_root/$host-$part rc=0 select=()
+    case $part in
+        split) select=($SPLIT_MODULES) ;;
+        rest) for module in $SPLIT_MODULES; do select+=("--ignore=$module"); done ;;
+    esac
     mkdir -p "$tmp/tmp"
-    log "ComfyUI $host, transformers $tf: running pytest"
+    log "ComfyUI $host, transformers $tf: running pytest${select:+ (${select[*]})}"
     (
         cd "$pack_dir"
         export COMFYUI_PATH=$comfy CNSD_TEST_CACHE=$cache PYTHONIOENCODING=utf-8 TMPDIR=$tmp/tmp \
-            HYPOTHESIS_STORAGE_DIRECTORY=$tmp/hypothesis CNSD_COMFY_CLI=$comfy_cli CNSD_PRODUCT_TESTS=$product_tests
+            HYPOTHESIS_STORAGE_DIRECTORY=$tmp/hypothesis CNSD_COMFY_CLI=$comfy_cli CNSD_PRODUCT_TESTS=$product_tests \
+            CNSD_MATRIX="$MATRIX"
         # --confcutdir: the repository root (the pack, a package of its own) is no test package: pytest would
         # import its __init__.py under the folder's name, which fails where that is no identifier (my-pack)
-        exec "$py" -m pytest --basetemp="$tmp/pytest" --confcutdir="$pack_dir/tests" "$@"
+        exec "$py" -m pytest --basetemp="$tmp/pytest" --confcutdir="$pack_dir/tests" ${select[@]+"${select[@]}"} "$@"
     ) || rc=$?
     [ "$rc" != 5 ] || log "pytest collected no tests"
     [ "${CNSD_KEEP_TMP:-0}" = 1 ] || rm -rf "$tmp"
@@ -179,7 +191,7 @@ run_pytest() {  # run_pytest HOST TRANSFORMERS PYTHON COMFYUI PRODUCT_TESTS [pyt
 # one suite keeps 2 cores less than busy (it waits on servers, the browser, subprocesses), so two together
 # finish sooner than one after the other. CNSD_PARALLEL=0 runs them one after the other.
 # The tests of the product's own environment (the run command's bootstrap, whatever the test bed's host) run in
-# one suite only: the first combination's (ComfyUI 0.3.52's, the shorter suite); CNSD_PRODUCT_TESTS=0 in the others
+# one suite only: the first combination's (ComfyUI 0.3.52's, the shorter one); CNSD_PRODUCT_TESTS=0 in the others
 product_tests() { [ "$1" = 0 ] && echo 1 || echo 0; }
 names=() pythons=() comfys=()
 for combo in $combos; do
@@ -187,31 +199,41 @@ for combo in $combos; do
     names+=("$combo") pythons+=("$py") comfys+=("$comfy")
 done
 if [ "${#names[@]}" -gt 1 ] && [ "${CNSD_PARALLEL:-1}" != 0 ]; then
-    log "running the suites of ${names[*]} side by side; each one's output follows when it has ended"
-    # each suite's processes (pytest, its ComfyUI servers, the run command) get an equal share of the cores for
-    # torch's thread pool: two pools of all the cores each spin against each other and slow both suites down
+    parts="all"
+    [ "$#" -gt 0 ] || parts="split rest"
+    runs=()  # "combination index:part"
+    for i in "${!names[@]}"; do for part in $parts; do runs+=("$i:$part"); done; done
+    log "running the suites of ${names[*]} side by side (parts: $parts); each one's output follows when it has ended"
+    # every pytest run (with its ComfyUI servers and run commands) gets an equal share of the cores for torch's
+    # thread pool: pools of all the cores each spin against each other and slow every run down
     cores=$(nproc 2>/dev/null || echo 2)
-    threads=$(( cores / ${#names[@]} ))
+    threads=$(( cores / ${#runs[@]} ))
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}
     pids=()
-    for i in "${!names[@]}"; do
+    for r in "${!runs[@]}"; do
+        i=${runs[$r]%%:*} part=${runs[$r]#*:}
         combo=${names[$i]}
-        run_pytest "${combo%%:*}" "${combo#*:}" "${pythons[$i]}" "${comfys[$i]}" "$(product_tests "$i")" "$@" \
-            >"$tmp_root/pytest-$i.log" 2>&1 &
+        # the product's own environment is tested by one run only (the first combination's, its split part)
+        product=$(product_tests "$i")
+        [ "$part" != rest ] || product=0
+        run_pytest "${combo%%:*}" "${combo#*:}" "${pythons[$i]}" "${comfys[$i]}" "$product" "$part" "$@" \
+            >"$tmp_root/pytest-$r.log" 2>&1 &
         pids+=($!)
     done
-    for i in "${!names[@]}"; do
+    for r in "${!runs[@]}"; do
+        i=${runs[$r]%%:*} part=${runs[$r]#*:}
         rc=0
-        wait "${pids[$i]}" || rc=$?
-        log "==== ComfyUI ${names[$i]%%:*}, transformers ${names[$i]#*:}: pytest's output (exit $rc) ===="
-        cat "$tmp_root/pytest-$i.log"
-        [ "$rc" = 0 ] || failed="$failed ${names[$i]}(exit $rc)"
+        wait "${pids[$r]}" || rc=$?
+        log "==== ComfyUI ${names[$i]%%:*}, transformers ${names[$i]#*:} ($part): pytest's output (exit $rc) ===="
+        cat "$tmp_root/pytest-$r.log"
+        [ "$rc" = 0 ] || failed="$failed ${names[$i]}/$part(exit $rc)"
     done
 else
     for i in "${!names[@]}"; do
         combo=${names[$i]}
         rc=0
-        run_pytest "${combo%%:*}" "${combo#*:}" "${pythons[$i]}" "${comfys[$i]}" "$(product_tests "$i")" "$@" || rc=$?
+        run_pytest "${combo%%:*}" "${combo#*:}" "${pythons[$i]}" "${comfys[$i]}" "$(product_tests "$i")" all "$@" \
+            || rc=$?
         [ "$rc" = 0 ] || failed="$failed $combo(exit $rc)"
     done
 fi
