@@ -7,8 +7,7 @@
 # (what the benchmarks and the run command use) instead of running pytest.
 #
 # Without --host / --transformers it runs the whole supported matrix (set up one after the other, the suites
-# side by side, each in two parts when no pytest arguments are given; CNSD_PARALLEL=0 runs them one after the
-# other, whole):
+# side by side; CNSD_PARALLEL=0 runs them one after the other):
 #   ComfyUI 0.3.52 (the oldest the pack supports) with transformers 4.57.6, and
 #   ComfyUI 0.33.0 (the newest we can get) with transformers 5.24.0.
 # ComfyUI 0.3.75 (with transformers 5.24.0) stays runnable with --host 0.3.75.
@@ -157,8 +156,9 @@ if [ "$setup_only" = 1 ]; then
     exit 0
 fi
 
-# In a matrix run without pytest arguments each combination's suite runs as two parts side by side: these
-# modules (mostly waiting on the browser and on the run command's ComfyUI processes) and all the others
+# With CNSD_SPLIT=1 (a matrix run without pytest arguments) each combination's suite runs as two parts side by
+# side: these modules (mostly waiting on the browser and on the run command's ComfyUI processes) and all the
+# others. Off by default: on 2 cores four runs cost more CPU (servers, imports) than they win by waiting less
 SPLIT_MODULES="tests/test_browser.py tests/test_run_command.py"
 
 run_pytest() {  # run_pytest HOST TRANSFORMERS PYTHON COMFYUI PRODUCT_TESTS PART [pytest args...]: one combination's
@@ -200,7 +200,7 @@ for combo in $combos; do
 done
 if [ "${#names[@]}" -gt 1 ] && [ "${CNSD_PARALLEL:-1}" != 0 ]; then
     parts="all"
-    [ "$#" -gt 0 ] || parts="split rest"
+    [ "$#" -gt 0 ] || [ "${CNSD_SPLIT:-0}" = 0 ] || parts="split rest"
     runs=()  # "combination index:part"
     for i in "${!names[@]}"; do for part in $parts; do runs+=("$i:$part"); done; done
     log "running the suites of ${names[*]} side by side (parts: $parts); each one's output follows when it has ended"

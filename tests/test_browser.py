@@ -145,6 +145,29 @@ def page(browser, ui_server, request):
         page.context.close()
 
 
+@pytest.fixture(scope="module")
+def browsing_tab(browser, ui_server):
+    """One tab in which the shipped workflows are opened one after the other, as a user browses them."""
+    page = open_page(browser, ui_server)
+    try:
+        yield page
+    finally:
+        page.context.close()
+
+
+@pytest.fixture
+def tab(browsing_tab):
+    """The browsing tab with what the previous test saw cleared: dialogs closed, errors and messages emptied,
+    the open graph emptied (so that the next template's nodes are the only ones its checks can see)."""
+    close_dialogs(browsing_tab)
+    browsing_tab.evaluate("() => { app.graph.clear(); app.canvas.setDirty(true, true); }")
+    browsing_tab.wait_for_function("() => app.graph._nodes.length === 0", timeout=30_000)
+    browsing_tab.page_errors.clear()
+    browsing_tab.console_messages.clear()
+    yield browsing_tab
+    assert deprecations(browsing_tab) == []
+
+
 def deprecations(page):
     """Deprecation warnings in the browser console other than the frontend's own."""
     return [f"{kind}: {text}" for kind, text in page.console_messages if "deprecat" in text.lower()
@@ -288,14 +311,14 @@ def overflowing_text(page):
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_workflow_opens_from_the_template_browser(page, name):
-    open_template(page, name)
+def test_shipped_workflow_opens_from_the_template_browser(tab, name):
+    open_template(tab, name)
     time.sleep(0.5)  # let the frontend raise whatever dialog it would
-    assert graph_problems(page) == []
-    assert visible_warnings(page) == []
-    assert page.page_errors == []
-    assert overlaps(page) == []
-    assert overflowing_text(page) == []
+    assert graph_problems(tab) == []
+    assert visible_warnings(tab) == []
+    assert tab.page_errors == []
+    assert overlaps(tab) == []
+    assert overflowing_text(tab) == []
 
 
 def set_widget(page, node_type, widget, value):
