@@ -156,23 +156,13 @@ if [ "$setup_only" = 1 ]; then
     exit 0
 fi
 
-# With CNSD_SPLIT=1 (a matrix run without pytest arguments) each combination's suite runs as two parts side by
-# side: these modules (mostly waiting on the browser and on the run command's ComfyUI processes) and all the
-# others. Off by default: on 2 cores four runs cost more CPU (servers, imports) than they win by waiting less
-SPLIT_MODULES="tests/test_browser.py tests/test_run_command.py"
-
-run_pytest() {  # run_pytest HOST TRANSFORMERS PYTHON COMFYUI PRODUCT_TESTS PART [pytest args...]: one combination's
-    # suite (PART: all), or the part of it in SPLIT_MODULES (split) or the other modules (rest)
-    local host=$1 tf=$2 py=$3 comfy=$4 product_tests=$5 part=$6 module
-    shift 6
+run_pytest() {  # run_pytest HOST TRANSFORMERS PYTHON COMFYUI PRODUCT_TESTS [pytest args...]: one combination's suite
+    local host=$1 tf=$2 py=$3 comfy=$4 product_tests=$5
+    shift 5
     # short: chromium's socket lives below it, and a socket's path has at most 107 bytes
-    local tmp=$tmp_root/$host-$part rc=0 select=()
-    case $part in
-        split) select=($SPLIT_MODULES) ;;
-        rest) for module in $SPLIT_MODULES; do select+=("--ignore=$module"); done ;;
-    esac
+    local tmp=$tmp_root/$host-$tf rc=0
     mkdir -p "$tmp/tmp"
-    log "ComfyUI $host, transformers $tf: running pytest${select:+ (${select[*]})}"
+    log "ComfyUI $host, transformers $tf: running pytest"
     (
         cd "$pack_dir"
         export COMFYUI_PATH=$comfy CNSD_TEST_CACHE=$cache PYTHONIOENCODING=utf-8 TMPDIR=$tmp/tmp \
@@ -180,7 +170,7 @@ run_pytest() {  # run_pytest HOST TRANSFORMERS PYTHON COMFYUI PRODUCT_TESTS PART
             CNSD_MATRIX="$MATRIX"
         # --confcutdir: the repository root (the pack, a package of its own) is no test package: pytest would
         # import its __init__.py under the folder's name, which fails where that is no identifier (my-pack)
-        exec "$py" -m pytest --basetemp="$tmp/pytest" --confcutdir="$pack_dir/tests" ${select[@]+"${select[@]}"} "$@"
+        exec "$py" -m pytest --basetemp="$tmp/pytest" --confcutdir="$pack_dir/tests" "$@"
     ) || rc=$?
     [ "$rc" != 5 ] || log "pytest collected no tests"
     [ "${CNSD_KEEP_TMP:-0}" = 1 ] || rm -rf "$tmp"
@@ -199,41 +189,31 @@ for combo in $combos; do
     names+=("$combo") pythons+=("$py") comfys+=("$comfy")
 done
 if [ "${#names[@]}" -gt 1 ] && [ "${CNSD_PARALLEL:-1}" != 0 ]; then
-    parts="all"
-    [ "$#" -gt 0 ] || [ "${CNSD_SPLIT:-0}" = 0 ] || parts="split rest"
-    runs=()  # "combination index:part"
-    for i in "${!names[@]}"; do for part in $parts; do runs+=("$i:$part"); done; done
-    log "running the suites of ${names[*]} side by side (parts: $parts); each one's output follows when it has ended"
-    # every pytest run (with its ComfyUI servers and run commands) gets an equal share of the cores for torch's
-    # thread pool: pools of all the cores each spin against each other and slow every run down
+    log "running the suites of ${names[*]} side by side; each one's output follows when it has ended"
+    # each suite's processes (pytest, its ComfyUI servers, the run command) get an equal share of the cores for
+    # torch's thread pool: two pools of all the cores each spin against each other and slow both suites down
     cores=$(nproc 2>/dev/null || echo 2)
-    threads=$(( cores / ${#runs[@]} ))
+    threads=$(( cores / ${#names[@]} ))
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}
     pids=()
-    for r in "${!runs[@]}"; do
-        i=${runs[$r]%%:*} part=${runs[$r]#*:}
+    for i in "${!names[@]}"; do
         combo=${names[$i]}
-        # the product's own environment is tested by one run only (the first combination's, its split part)
-        product=$(product_tests "$i")
-        [ "$part" != rest ] || product=0
-        run_pytest "${combo%%:*}" "${combo#*:}" "${pythons[$i]}" "${comfys[$i]}" "$product" "$part" "$@" \
-            >"$tmp_root/pytest-$r.log" 2>&1 &
+        run_pytest "${combo%%:*}" "${combo#*:}" "${pythons[$i]}" "${comfys[$i]}" "$(product_tests "$i")" "$@" \
+            >"$tmp_root/pytest-$i.log" 2>&1 &
         pids+=($!)
     done
-    for r in "${!runs[@]}"; do
-        i=${runs[$r]%%:*} part=${runs[$r]#*:}
+    for i in "${!names[@]}"; do
         rc=0
-        wait "${pids[$r]}" || rc=$?
-        log "==== ComfyUI ${names[$i]%%:*}, transformers ${names[$i]#*:} ($part): pytest's output (exit $rc) ===="
-        cat "$tmp_root/pytest-$r.log"
-        [ "$rc" = 0 ] || failed="$failed ${names[$i]}/$part(exit $rc)"
+        wait "${pids[$i]}" || rc=$?
+        log "==== ComfyUI ${names[$i]%%:*}, transformers ${names[$i]#*:}: pytest's output (exit $rc) ===="
+        cat "$tmp_root/pytest-$i.log"
+        [ "$rc" = 0 ] || failed="$failed ${names[$i]}(exit $rc)"
     done
 else
     for i in "${!names[@]}"; do
         combo=${names[$i]}
         rc=0
-        run_pytest "${combo%%:*}" "${combo#*:}" "${pythons[$i]}" "${comfys[$i]}" "$(product_tests "$i")" all "$@" \
-            || rc=$?
+        run_pytest "${combo%%:*}" "${combo#*:}" "${pythons[$i]}" "${comfys[$i]}" "$(product_tests "$i")" "$@" || rc=$?
         [ "$rc" = 0 ] || failed="$failed $combo(exit $rc)"
     done
 fi
