@@ -22,14 +22,13 @@ import stat
 import sys
 import unicodedata
 
-import torch
-
-from . import metadata, text_tower
 from .errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# torch (and with it ComfyUI's code) is imported only once there is something to convert: the command's
+# refusals (a bad name or models folder, files that exist) come at once
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # the names torch gives them
 PARTS = ("checkpoint", "split")
 
 
@@ -95,6 +94,15 @@ def output_paths(models_dir, name, parts):
     return out
 
 
+def existing_targets(models_dir, name, parts):
+    """The files a conversion to models_dir under name would replace."""
+    return [p for p in output_paths(models_dir, name, parts).values() if os.path.exists(p)]
+
+
+def refusal(existing):
+    return f"Refusing to overwrite {', '.join(existing)} (pass --overwrite to replace them)."
+
+
 def _cast(sd, dtype):
     """sd's tensors in dtype, as safetensors writes them (contiguous, none overlapping another in memory).
 
@@ -143,8 +151,10 @@ def _read_vae(folder):
 def convert_folder(source, models_dir, name=None, dtype="fp16", parts=PARTS, overwrite=False, progress=False):
     """Write the converted files; returns {kind: path}. Nothing is written if a target exists (unless overwrite)."""
     import safetensors.torch
+    import torch
     from tqdm import tqdm
 
+    from . import metadata, text_tower
     from .modelscope import check_folder
     source = os.path.normpath(os.fspath(source))
     check_folder(source)
@@ -154,14 +164,14 @@ def convert_folder(source, models_dir, name=None, dtype="fp16", parts=PARTS, ove
         name = os.path.basename(source)
         check_name(name, "file name from the folder's name (choose one with --name)")
     targets = output_paths(models_dir, name, parts)
-    existing = [p for p in targets.values() if os.path.exists(p)]
+    existing = existing_targets(models_dir, name, parts)
     if existing and not overwrite:
-        raise FileExistsError(f"Refusing to overwrite {', '.join(existing)} (pass --overwrite to replace them).")
+        raise FileExistsError(refusal(existing))
 
     # One part at a time: read, check, cast; the source's tensors of a part are let go once it is cast
     # (the largest, the UNet, first), and every check passes before anything is written. The split files
     # and the checkpoint are written from the same cast tensors.
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = getattr(torch, DTYPES[dtype])
     bar = tqdm(total=3 + len(targets), desc=f"Converting {name}", unit="step", disable=not progress)
     bar.set_postfix_str("unet")
     unet_sd, family, heads, prediction, schedule, sample_size = _read_unet(source)
@@ -321,15 +331,23 @@ def main(argv=None):
             comfyui = next((p for p in parents if is_comfyui(p)), None) or find_comfyui()
             if comfyui is None:
                 _not_found(parser, parents)
+    parts = (args.only,) if args.only else PARTS
+    name = args.name if args.name is not None else os.path.basename(os.path.normpath(args.source))
+    existing = [] if args.overwrite or _name_problem(name) else existing_targets(models_dir, name, parts)
+    if existing:  # before anything heavy is imported
+        log.error("%s", refusal(existing))
+        return 1
     if comfyui and comfyui not in sys.path:
         sys.path.append(comfyui)
-    import comfy.cli_args
+    import torch
     from safetensors import SafetensorError
+
+    import comfy.cli_args
     if not torch.cuda.is_available():  # what `python main.py --cpu` does; this command starts no server
         comfy.cli_args.args.cpu = True
     try:
         written = convert_folder(args.source, models_dir, name=args.name, dtype=args.dtype,
-                                 parts=(args.only,) if args.only else PARTS, overwrite=args.overwrite,
+                                 parts=parts, overwrite=args.overwrite,
                                  progress=not args.no_progress)
     except (ModelLoadError, FileExistsError, InvalidNameError) as e:
         log.error("%s", e)

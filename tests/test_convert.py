@@ -144,7 +144,7 @@ def meta_dtype(path):
     return read_meta(path)["chinese_sd.dtype"]
 
 
-def test_command_line(tmp_path, model_folders):
+def test_command_line(tmp_path, tmp_path_factory, model_folders):
     cmd = [sys.executable, "-m", "loaders.convert", model_folders["csd_eps_safetensors"], "--models-dir",
            str(tmp_path), "--name", "小模型", "--dtype", "bf16", "--only", "split"]
     env = {**os.environ, "PYTHONIOENCODING": "gbk"}
@@ -157,8 +157,13 @@ def test_command_line(tmp_path, model_folders):
                        "vae/小模型_vae.safetensors"]
     assert meta_dtype(str(tmp_path / "vae" / "小模型_vae.safetensors")) == "bf16"
 
-    again = subprocess.run(cmd, cwd=PACK_DIR, env=env, capture_output=True)
-    assert again.returncode == 1 and "Refusing to overwrite" in again.stderr.decode("gbk", "replace")
+    # refused at once, before torch or ComfyUI is imported: a torch that cannot be imported comes first on the path
+    no_torch = tmp_path_factory.mktemp("no_torch")
+    (no_torch / "torch.py").write_text("raise ImportError('torch was imported')\n", encoding="utf-8")
+    path = os.pathsep.join(p for p in (str(no_torch), env.get("PYTHONPATH")) if p)
+    again = subprocess.run(cmd, cwd=PACK_DIR, env={**env, "PYTHONPATH": path}, capture_output=True)
+    err = again.stderr.decode("gbk", "replace")
+    assert again.returncode == 1 and "Refusing to overwrite" in err and "小模型_unet.safetensors" in err, err
     forced = subprocess.run(cmd + ["--overwrite", "--no-progress"], cwd=PACK_DIR, env=env, capture_output=True)
     assert forced.returncode == 0, forced.stderr.decode("gbk", "replace")
 
