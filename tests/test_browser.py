@@ -132,12 +132,17 @@ def open_page(browser, server, locale="en"):
     return page
 
 
+def locale_of(request):
+    """The language the test is parametrized with (`locale`), English otherwise."""
+    callspec = getattr(request.node, "callspec", None)
+    return callspec.params.get("locale", "en") if callspec else "en"
+
+
 @pytest.fixture
 def page(browser, ui_server, request):
-    """A new tab for the test, in the language it is parametrized with (`locale`; English otherwise); no
-    deprecation warning may reach the browser console."""
-    callspec = getattr(request.node, "callspec", None)
-    page = open_page(browser, ui_server, callspec.params.get("locale", "en") if callspec else "en")
+    """A new tab for the test, in its language (locale_of), for a test that reloads it or opens side panels;
+    no deprecation warning may reach the browser console."""
+    page = open_page(browser, ui_server, locale_of(request))
     try:
         yield page
         assert deprecations(page) == []
@@ -146,26 +151,35 @@ def page(browser, ui_server, request):
 
 
 @pytest.fixture(scope="module")
-def browsing_tab(browser, ui_server):
-    """One tab in which the shipped workflows are opened one after the other, as a user browses them."""
-    page = open_page(browser, ui_server)
+def tabs(browser, ui_server):
+    """Tabs kept open for the module, one per language (opened on first use), in which the tests that leave
+    nothing behind but their graph take turns, as a user works on in one tab (a page load is seconds)."""
+    opened = {}
+
+    def tab_for(locale):
+        if locale not in opened:
+            opened[locale] = open_page(browser, ui_server, locale)
+        return opened[locale]
     try:
-        yield page
+        yield tab_for
     finally:
-        page.context.close()
+        for tab_ in opened.values():
+            tab_.context.close()
 
 
 @pytest.fixture
-def tab(browsing_tab):
-    """The browsing tab with what the previous test saw cleared: dialogs closed, errors and messages emptied,
-    the open graph emptied (so that the next template's nodes are the only ones its checks can see)."""
-    close_dialogs(browsing_tab)
-    browsing_tab.evaluate("() => { app.graph.clear(); app.canvas.setDirty(true, true); }")
-    browsing_tab.wait_for_function("() => app.graph._nodes.length === 0", timeout=30_000)
-    browsing_tab.page_errors.clear()
-    browsing_tab.console_messages.clear()
-    yield browsing_tab
-    assert deprecations(browsing_tab) == []
+def tab(tabs, request):
+    """The shared tab of the test's language with what the previous test saw cleared: dialogs closed, errors and
+    messages emptied, the open graph emptied (so that the next template's nodes are the only ones its checks can
+    see); no deprecation warning may reach the browser console."""
+    tab_ = tabs(locale_of(request))
+    close_dialogs(tab_)
+    tab_.evaluate("() => { app.graph.clear(); app.canvas.setDirty(true, true); }")
+    tab_.wait_for_function("() => app.graph._nodes.length === 0", timeout=30_000)
+    tab_.page_errors.clear()
+    tab_.console_messages.clear()
+    yield tab_
+    assert deprecations(tab_) == []
 
 
 def deprecations(page):
@@ -285,10 +299,20 @@ def overlaps(page):
     }""")
 
 
-def overflowing_text(page):
+def overflowing_text(page, settle_s=5):
     """The token counters' texts that do not fit: a box whose content is wider than the box (scrollWidth >
-    clientWidth) or taller than its lines, or a counter reaching past its node's right edge."""
-    return page.evaluate("""() => {
+    clientWidth) or taller than its lines, or a counter reaching past its node's right edge. As a user sees the
+    page once it has settled: asked again for up to settle_s seconds while something does not fit (the frontend
+    places a DOM widget on a later frame than the one that added its node, which a busy machine can delay)."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        found = page.evaluate(OVERFLOWING_TEXT)
+        if not found or time.monotonic() > deadline:
+            return found
+        page.wait_for_timeout(200)
+
+
+OVERFLOWING_TEXT = """() => {
         const out = [];
         const ds = app.canvas.ds, r = app.canvas.canvas.getBoundingClientRect();
         for (const root of document.querySelectorAll('.chinese-sd-token-counter')) {
@@ -307,7 +331,7 @@ def overflowing_text(page):
             }
         }
         return out;
-    }""")
+    }"""
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -449,30 +473,30 @@ def type_prompt(page, node_id, text):
     page.keyboard.type(text, delay=5)
 
 
-def test_token_counter_follows_typing_and_warns_of_truncation(page):
-    page.evaluate("() => app.graph.clear()")
-    node_id = add_encode_node(page)
-    type_prompt(page, node_id, "中国山水画")
-    count = counter(page, node_id).locator(".chinese-sd-token-count")
-    page.wait_for_function("(id) => document.querySelector(`.chinese-sd-token-counter[data-node-id=\"${id}\"]`)"
+def test_token_counter_follows_typing_and_warns_of_truncation(tab):
+    tab.evaluate("() => app.graph.clear()")
+    node_id = add_encode_node(tab)
+    type_prompt(tab, node_id, "中国山水画")
+    count = counter(tab, node_id).locator(".chinese-sd-token-count")
+    tab.wait_for_function("(id) => document.querySelector(`.chinese-sd-token-counter[data-node-id=\"${id}\"]`)"
                            "?.dataset.tokens === '5'", arg=str(node_id), timeout=15_000)
     assert count.inner_text() == "5 / 50"
-    warning = counter(page, node_id).locator(".chinese-sd-token-warning")
+    warning = counter(tab, node_id).locator(".chinese-sd-token-warning")
     assert warning.is_hidden()
 
-    type_prompt(page, node_id, LONG_PROMPT)
-    page.wait_for_function("(id) => document.querySelector(`.chinese-sd-token-counter[data-node-id=\"${id}\"]`)"
+    type_prompt(tab, node_id, LONG_PROMPT)
+    tab.wait_for_function("(id) => document.querySelector(`.chinese-sd-token-counter[data-node-id=\"${id}\"]`)"
                            "?.dataset.tokens === '72'", arg=str(node_id), timeout=15_000)
     assert count.inner_text() == "72 / 50"
     assert warning.is_visible()
     assert "22" in warning.inner_text()  # tokens dropped
     # the cut: 50 tokens are two verses of 24 characters and 白日 of the third
-    assert counter(page, node_id).locator(".chinese-sd-token-cut-before").inner_text().endswith("白日")
-    assert counter(page, node_id).locator(".chinese-sd-token-cut-after").inner_text().startswith("依山尽")
+    assert counter(tab, node_id).locator(".chinese-sd-token-cut-before").inner_text().endswith("白日")
+    assert counter(tab, node_id).locator(".chinese-sd-token-cut-after").inner_text().startswith("依山尽")
 
     # far beyond the window the server stops counting (truncate mode keeps 50 tokens): the count is a lower bound
-    prompt_box(page, node_id).fill(LONG_PROMPT * 150)  # pasted, not typed: 10,800 characters
-    page.wait_for_function("(id) => !['72', ''].includes(document.querySelector("
+    prompt_box(tab, node_id).fill(LONG_PROMPT * 150)  # pasted, not typed: 10,800 characters
+    tab.wait_for_function("(id) => !['72', ''].includes(document.querySelector("
                            "`.chinese-sd-token-counter[data-node-id=\"${id}\"]`)?.dataset.tokens)",
                            arg=str(node_id), timeout=30_000)
     assert re.fullmatch(r"\d+\+ / 50", count.inner_text()), count.inner_text()
@@ -536,14 +560,14 @@ HOSTILE_PROMPTS = st.lists(PROMPT_PIECES, min_size=1, max_size=40).map("".join)
 
 
 @pytest.mark.parametrize("locale", ["en", "zh"])
-def test_counter_fits_its_node_whatever_the_prompt(page, locale):
+def test_counter_fits_its_node_whatever_the_prompt(tab, locale):
     """Generated prompts (hypothesis) in a node at its default width: the counter answers (a count or the reason
     it cannot), no text runs past the node or is cut off, the node keeps its size, the page raises nothing."""
     from fuzz import STATS, fuzz_settings
-    page.evaluate("() => app.graph.clear()")
-    node_id = add_encode_node(page)
-    focus_node(page, node_id)
-    size = page.evaluate("(id) => Array.from(app.graph.getNodeById(id).size)", node_id)
+    tab.evaluate("() => app.graph.clear()")
+    node_id = add_encode_node(tab)
+    focus_node(tab, node_id)
+    size = tab.evaluate("(id) => Array.from(app.graph.getNodeById(id).size)", node_id)
 
     @fuzz_settings(15)
     @given(text=HOSTILE_PROMPTS, chunk=st.booleans())
@@ -551,19 +575,19 @@ def test_counter_fits_its_node_whatever_the_prompt(page, locale):
     @example(text="https://example.com/a/very/long/path_with_underscores" * 12, chunk=False)
     @example(text="龘" * 300, chunk=True)
     def check(text, chunk):
-        page.evaluate("""([id, text, chunk]) => { const n = app.graph.getNodeById(id);
+        tab.evaluate("""([id, text, chunk]) => { const n = app.graph.getNodeById(id);
             n.widgets.find(w => w.name === 'text').value = text;
             n.widgets.find(w => w.name === 'long_prompt').value = chunk ? 'chunk' : 'truncate'; }""",
                       [node_id, text, chunk])
-        page.wait_for_function("""(id) => { const c = app.graph.getNodeById(id).chineseSdTokenCounter;
+        tab.wait_for_function("""(id) => { const c = app.graph.getNodeById(id).chineseSdTokenCounter;
             return c && c.payload && c.lastSig === c.wantedSig && !c.inFlight; }""", arg=node_id, timeout=30_000)
-        page.wait_for_timeout(50)  # rendered
-        state = counter_state(page, node_id)
+        tab.wait_for_timeout(50)  # rendered
+        state = counter_state(tab, node_id)
         STATS[f"browser counter ({locale})"][state] += 1
         assert state in ("estimate", "error"), (state, text)
-        assert overflowing_text(page) == [], text
-        assert page.evaluate("(id) => Array.from(app.graph.getNodeById(id).size)", node_id) == size
-        assert page.page_errors == []
+        assert overflowing_text(tab) == [], text
+        assert tab.evaluate("(id) => Array.from(app.graph.getNodeById(id).size)", node_id) == size
+        assert tab.page_errors == []
 
     check()
 
@@ -629,17 +653,17 @@ def first_heading(node_type, locale):
 
 
 @pytest.mark.parametrize("locale", ["en", "zh"])
-def test_help_pages_fit_the_info_panel(page, locale):
-    """Every node's help page in the Info panel at its default width: nothing scrolls sideways."""
+def test_help_pages_fit_the_info_panel(tab, locale):
+    """Every node's help tab in the Info panel at its default width: nothing scrolls sideways."""
     for node_type in NODE_IDS:
-        open_help(page, node_type)
+        open_help(tab, node_type)
         heading = first_heading(node_type, locale)
-        page.wait_for_function("(t) => Array.from(document.querySelectorAll('h1')).some(e => e.textContent.trim() === t)",
+        tab.wait_for_function("(t) => Array.from(document.querySelectorAll('h1')).some(e => e.textContent.trim() === t)",
                                arg=heading, timeout=20_000)
-        page.wait_for_timeout(300)  # laid out
-        wide = help_overflow(page, heading)
+        tab.wait_for_timeout(300)  # laid out
+        wide = help_overflow(tab, heading)
         assert not wide, f"{node_type}:\n" + "\n".join(wide)
-    assert page.page_errors == []
+    assert tab.page_errors == []
 
 
 def test_chinese_ui(page, ui_server):

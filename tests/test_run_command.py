@@ -76,12 +76,13 @@ def _link_or_copy(src, dst):
 
 @pytest.fixture(scope="module")
 def users_comfyui(tmp_path_factory):
-    """A ComfyUI as a user has it, without this pack: the test bed's ComfyUI (hard-linked) with the test bed's
-    environment as its venv/ (which the command must find by itself)."""
+    """A ComfyUI as a user has it, without this pack: the test bed's ComfyUI (hard-linked, its compiled modules
+    too, as a ComfyUI has them once it has run) with the test bed's environment as its venv/ (which the command
+    must find by itself)."""
     dest = tmp_path_factory.mktemp("user") / "ComfyUI"
     shutil.copytree(COMFYUI_PATH, dest, symlinks=True, copy_function=_link_or_copy,
-                    ignore=lambda d, names: [n for n in names if n == "__pycache__" or
-                                             os.path.islink(os.path.join(d, n)) and d.endswith("custom_nodes")])
+                    ignore=lambda d, names: [n for n in names if os.path.islink(os.path.join(d, n))
+                                             and d.endswith("custom_nodes")])
     os.symlink(sys.prefix, dest / "venv", target_is_directory=True)
     return dest
 
