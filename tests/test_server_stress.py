@@ -99,9 +99,11 @@ def test_reloading_models_does_not_leak_memory(server, ws):
         warm = 2 * len(RELOADS)  # two alternations: the allocator's arenas have grown to their working size
         if cycle >= warm:  # a leak fails as soon as it shows, before it fills a shared machine's memory
             baseline = max(rss[:warm])
-            growth = rss[-1] / baseline - 1
+            # the least of the last alternation: a leak raises every cycle's RSS, while the allocator's
+            # fragmentation now and then lifts a single one (seen: +120 MiB at one cycle over the cycle before)
+            growth = min(rss[-len(RELOADS):]) / baseline - 1
             assert growth < MAX_GROWTH, f"RSS grew {growth:.1%} by reload cycle {cycle + 1}; {series()}"
-    print(f"\n{series()}; the last grew {growth:+.1%} over the first alternation")
+    print(f"\n{series()}; the last alternation grew {growth:+.1%} over the first two")
 
 
 def test_twenty_prompts_posted_at_once_all_complete(server, ws):
