@@ -121,7 +121,7 @@ setup_combo() {  # setup_combo HOST TRANSFORMERS -> sets $py and $comfy
         cp -al "$base_comfy" "$comfy"
     fi
     # its modules compiled once, as a user's ComfyUI has them after its first start: where PYTHONDONTWRITEBYTECODE
-    # is set (as on this project's machines) Python would compile its 700+ files at every start, seconds for each
+    # is set (as on this project's machines) Python would compile its 770 files at every start, seconds for each
     # ComfyUI the suite starts and for each process that imports it (files already compiled are skipped)
     "$py" -m compileall -q -j0 "$comfy" >/dev/null
     link=$comfy/custom_nodes/comfyui-chinese-sd

@@ -474,7 +474,6 @@ def type_prompt(page, node_id, text):
 
 
 def test_token_counter_follows_typing_and_warns_of_truncation(tab):
-    tab.evaluate("() => app.graph.clear()")
     node_id = add_encode_node(tab)
     type_prompt(tab, node_id, "中国山水画")
     count = counter(tab, node_id).locator(".chinese-sd-token-count")
@@ -564,7 +563,6 @@ def test_counter_fits_its_node_whatever_the_prompt(tab, locale):
     """Generated prompts (hypothesis) in a node at its default width: the counter answers (a count or the reason
     it cannot), no text runs past the node or is cut off, the node keeps its size, the page raises nothing."""
     from fuzz import STATS, fuzz_settings
-    tab.evaluate("() => app.graph.clear()")
     node_id = add_encode_node(tab)
     focus_node(tab, node_id)
     size = tab.evaluate("(id) => Array.from(app.graph.getNodeById(id).size)", node_id)
