@@ -249,28 +249,31 @@ def open_template(page, name, locale="en"):
     label.wait_for(state="visible", timeout=30_000)
     # the sidebar shows the section's whole name (the frontend cuts what does not fit with an ellipsis)
     assert label.evaluate("e => e.scrollWidth <= e.clientWidth"), section(locale)
-    label.click()
-    card = page.get_by_test_id(f"template-workflow-{name}")
-    card.wait_for(state="visible", timeout=30_000)
-    # the cards' thumbnails load lazily and move the cards as they come: a click meanwhile can land beside one
+    card_id = f"template-workflow-{name}"
+    click_until(page, label, "(id) => document.querySelector(`[data-testid='${id}']`)?.checkVisibility()", card_id)
+    # the cards' thumbnails load after the cards are drawn and move them: a click meanwhile can land beside one
     page.wait_for_function(THUMBNAILS_LOADED, timeout=30_000)
     with open(os.path.join(WORKFLOWS, name + ".json"), encoding="utf-8") as f:
         expected = len(json.load(f)["nodes"])
-    loaded = "(n) => app.graph._nodes.length === n"
-    card.click()
-    for _ in range(2):
-        # a busy frontend 1.25 can drop a click on a card (seen in CI, two suites side by side): while the
-        # browser still shows the card 10 s later and nothing has loaded, a user clicks again
-        try:
-            page.wait_for_function(loaded, arg=expected, timeout=10_000)
-            break
-        except Exception:  # noqa: BLE001  (playwright's TimeoutError)
-            if not card.is_visible():
-                break
-            print(f"open_template: {name}: nothing loaded 10 s after clicking its card, clicking again")
-            card.click()
-    page.wait_for_function(loaded, arg=expected, timeout=30_000)  # a template that never loads fails here
+    click_until(page, page.get_by_test_id(card_id), "(n) => app.graph._nodes.length === n", expected)
     page.get_by_test_id("template-workflows-content").wait_for(state="hidden", timeout=30_000)
+
+
+def click_until(page, element, done, arg):
+    """Click element and wait until the page function done(arg) holds. A busy frontend can drop a click (CI saw
+    a template card's, two suites side by side): while element is still on screen 10 s after a click and done
+    does not hold, click again, as a user does; what never happens still fails, 30 s after the last click."""
+    element.click()
+    for _ in range(2):
+        try:
+            page.wait_for_function(done, arg=arg, timeout=10_000)
+            return
+        except Exception:  # noqa: BLE001  (playwright's TimeoutError)
+            if not element.is_visible():
+                break
+            print(f"click_until: {done} ({arg}) still false 10 s after a click, clicking again")
+            element.click()
+    page.wait_for_function(done, arg=arg, timeout=30_000)
 
 
 THUMBNAILS_LOADED = """() => Array.from(document.querySelectorAll('[data-testid=template-workflows-content] img'))
