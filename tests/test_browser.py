@@ -272,7 +272,10 @@ def click_until(page, element, done, arg):
             if not element.is_visible():
                 break
             print(f"click_until: {done} ({arg}) still false 10 s after a click, clicking again")
-            element.click()
+            try:
+                element.click(timeout=5_000)
+            except Exception:  # noqa: BLE001  (gone meanwhile: the first click took; the wait below decides)
+                break
     page.wait_for_function(done, arg=arg, timeout=30_000)
 
 
