@@ -99,6 +99,11 @@ def existing_targets(models_dir, name, parts):
     return [p for p in output_paths(models_dir, name, parts).values() if os.path.exists(p)]
 
 
+def default_name(source):
+    """The name of the files when none is given: the source folder's."""
+    return os.path.basename(os.path.normpath(os.fspath(source)))
+
+
 def refusal(existing):
     return f"Refusing to overwrite {', '.join(existing)} (pass --overwrite to replace them)."
 
@@ -161,7 +166,7 @@ def convert_folder(source, models_dir, name=None, dtype="fp16", parts=PARTS, ove
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
     if name is None:
-        name = os.path.basename(source)
+        name = default_name(source)
         check_name(name, "file name from the folder's name (choose one with --name)")
     targets = output_paths(models_dir, name, parts)
     existing = existing_targets(models_dir, name, parts)
@@ -332,7 +337,7 @@ def main(argv=None):
             if comfyui is None:
                 _not_found(parser, parents)
     parts = (args.only,) if args.only else PARTS
-    name = args.name if args.name is not None else os.path.basename(os.path.normpath(args.source))
+    name = args.name if args.name is not None else default_name(args.source)
     existing = [] if args.overwrite or _name_problem(name) else existing_targets(models_dir, name, parts)
     if existing:  # before anything heavy is imported
         log.error("%s", refusal(existing))

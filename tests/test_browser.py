@@ -502,14 +502,14 @@ def test_token_counter_follows_typing_and_warns_of_truncation(tab):
     type_prompt(tab, node_id, "中国山水画")
     count = counter(tab, node_id).locator(".chinese-sd-token-count")
     tab.wait_for_function("(id) => document.querySelector(`.chinese-sd-token-counter[data-node-id=\"${id}\"]`)"
-                           "?.dataset.tokens === '5'", arg=str(node_id), timeout=15_000)
+                          "?.dataset.tokens === '5'", arg=str(node_id), timeout=15_000)
     assert count.inner_text() == "5 / 50"
     warning = counter(tab, node_id).locator(".chinese-sd-token-warning")
     assert warning.is_hidden()
 
     type_prompt(tab, node_id, LONG_PROMPT)
     tab.wait_for_function("(id) => document.querySelector(`.chinese-sd-token-counter[data-node-id=\"${id}\"]`)"
-                           "?.dataset.tokens === '72'", arg=str(node_id), timeout=15_000)
+                          "?.dataset.tokens === '72'", arg=str(node_id), timeout=15_000)
     assert count.inner_text() == "72 / 50"
     assert warning.is_visible()
     assert "22" in warning.inner_text()  # tokens dropped
@@ -520,8 +520,8 @@ def test_token_counter_follows_typing_and_warns_of_truncation(tab):
     # far beyond the window the server stops counting (truncate mode keeps 50 tokens): the count is a lower bound
     prompt_box(tab, node_id).fill(LONG_PROMPT * 150)  # pasted, not typed: 10,800 characters
     tab.wait_for_function("(id) => !['72', ''].includes(document.querySelector("
-                           "`.chinese-sd-token-counter[data-node-id=\"${id}\"]`)?.dataset.tokens)",
-                           arg=str(node_id), timeout=30_000)
+                          "`.chinese-sd-token-counter[data-node-id=\"${id}\"]`)?.dataset.tokens)",
+                          arg=str(node_id), timeout=30_000)
     assert re.fullmatch(r"\d+\+ / 50", count.inner_text()), count.inner_text()
     assert "+ of " in warning.inner_text()  # "Truncate drops 150+ of 200+ tokens"
 
@@ -600,7 +600,7 @@ def test_counter_fits_its_node_whatever_the_prompt(tab, locale):
         tab.evaluate("""([id, text, chunk]) => { const n = app.graph.getNodeById(id);
             n.widgets.find(w => w.name === 'text').value = text;
             n.widgets.find(w => w.name === 'long_prompt').value = chunk ? 'chunk' : 'truncate'; }""",
-                      [node_id, text, chunk])
+                     [node_id, text, chunk])
         tab.wait_for_function("""(id) => { const c = app.graph.getNodeById(id).chineseSdTokenCounter;
             return c && c.payload && c.lastSig === c.wantedSig && !c.inFlight; }""", arg=node_id, timeout=30_000)
         tab.wait_for_timeout(50)  # rendered
@@ -681,7 +681,7 @@ def test_help_pages_fit_the_info_panel(tab, locale):
         open_help(tab, node_type)
         heading = first_heading(node_type, locale)
         tab.wait_for_function("(t) => Array.from(document.querySelectorAll('h1')).some(e => e.textContent.trim() === t)",
-                               arg=heading, timeout=20_000)
+                              arg=heading, timeout=20_000)
         tab.wait_for_timeout(300)  # laid out
         wide = help_overflow(tab, heading)
         assert not wide, f"{node_type}:\n" + "\n".join(wide)
