@@ -3,7 +3,8 @@
 The listing runs on every /object_info request, so it must stay cheap and finish whatever the folder
 holds: symlinked model folders (the big folder often lives on another disk) are followed, but each real
 directory is entered once, a link to a folder holding the root (`/`, `..`) is never entered, the depth
-is limited, at most MAX_DIRS directories are looked at, and unreadable directories are skipped.
+is limited, at most MAX_DIRS directories are looked at, and unreadable and hidden (.name) directories are
+skipped (a download in progress stages its files in models/diffusers/.downloading/).
 """
 
 import logging
@@ -53,6 +54,8 @@ def _subfolders(path):
         return []
     found = []
     for entry in entries:
+        if entry.name.startswith("."):  # hidden: a download's staging folder (loaders/download.py), .git, ...
+            continue
         try:
             if entry.is_dir():
                 found.append((entry.is_symlink(), entry.name, entry.path))

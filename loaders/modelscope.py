@@ -2,7 +2,7 @@
 
 import os
 
-from . import chinese_clip, text_tower, unet
+from . import chinese_clip, download, text_tower, unet
 from .errors import ModelLoadError
 from .folders import find_model_folders, is_model_folder  # noqa: F401  (nodes/choices.py imports it from here)
 from .text_tower import TEXT_ENCODER_CLASSES
@@ -20,6 +20,7 @@ def check_folder(folder):
         present = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n)))
         raise ModelLoadError(folder, f"subfolders {present or 'none'} (missing {', '.join(missing)})",
                              "the ModelScope layout with unet/, text_encoder/, tokenizer/, vae/ and scheduler/")
+    download.check_downloaded(folder)  # a folder this pack downloaded: every verified file still there, sizes only
     te_class = text_tower.text_encoder_class(folder)
     if te_class is not None and te_class not in TEXT_ENCODER_CLASSES:
         raise ModelLoadError(os.path.join(folder, "model_index.json"), f"a pipeline whose text encoder is {show(te_class)}",

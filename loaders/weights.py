@@ -176,14 +176,23 @@ def _index_names(stem, ext):
     return [f"{stem}{ext}.index.json"]
 
 
-def weights_in_folder(folder, stems=("diffusion_pytorch_model", "model", "pytorch_model")):
-    """The weights file (or sharded index) of a diffusers/transformers component folder."""
+COMPONENT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
+
+
+def weight_candidates(stems=COMPONENT_STEMS):
+    """The weights file names (single files and sharded-set indexes) of a component folder, preferred first."""
     candidates = []
     for stem in stems:
         for variant in ("", ".fp16"):
             for ext in (".safetensors", ".bin"):
                 candidates.append(f"{stem}{variant}{ext}")
                 candidates += _index_names(stem + variant, ext)
+    return candidates
+
+
+def weights_in_folder(folder, stems=COMPONENT_STEMS):
+    """The weights file (or sharded index) of a diffusers/transformers component folder."""
+    candidates = weight_candidates(stems)
     for name in candidates:
         p = os.path.join(folder, name)
         if os.path.isfile(p):

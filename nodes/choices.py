@@ -7,6 +7,7 @@ import torch
 import folder_paths
 from comfy_api.latest import io
 
+from ..loaders import download
 from ..loaders.errors import ModelLoadError
 from ..loaders.modelscope import find_model_folders
 
@@ -24,8 +25,29 @@ DEVICES = {"default": None, "cpu": "cpu"}
 PREDICTIONS = ["auto", "epsilon", "v_prediction"]
 
 
-def model_folders(component=None):
-    return find_model_folders(folder_paths.get_folder_paths(MODEL_FOLDERS), component)
+def model_roots():
+    return folder_paths.get_folder_paths(MODEL_FOLDERS)
+
+
+def model_folders(component=None, downloadable=False):
+    """The model folders in models/diffusers/; downloadable: with the ModelScope model even while it is not there
+    (the loader fetches it), so that a workflow stores the same value before and after the download."""
+    found = find_model_folders(model_roots(), component)
+    if downloadable and download.FOLDER not in found:
+        found = sorted(found + [download.FOLDER])
+    return found
+
+
+def missing_download(name):
+    """A model_folder choice naming the ModelScope model while no models/diffusers/ folder holds it."""
+    return name == download.FOLDER and not any(os.path.isdir(os.path.join(root, name)) for root in model_roots())
+
+
+def model_folder_tooltip():
+    text = ("A ModelScope/diffusers model folder in models/diffusers/, e.g. multi-modal_chinese_stable_diffusion_v1.0 "
+            f"as downloaded. {download.FOLDER} is fetched from ModelScope ({download.MODEL_ID}, {download.APPROX_SIZE}) "
+            "into models/diffusers/ the first time it runs when it is not there")
+    return text + (" (not installed yet: it will be downloaded)." if missing_download(download.FOLDER) else ".")
 
 
 def component_choices(component, file_folder):
@@ -34,7 +56,7 @@ def component_choices(component, file_folder):
 
 
 def resolve_model_folder(name):
-    for root in folder_paths.get_folder_paths(MODEL_FOLDERS):
+    for root in model_roots():
         path = os.path.join(root, os.path.normpath(name))
         if os.path.isdir(path) and os.path.commonpath([os.path.abspath(root), os.path.abspath(path)]) == os.path.abspath(root):
             return path

@@ -3,8 +3,8 @@
 import folder_paths
 from comfy_api.latest import io
 
-from ..loaders import checkpoint, modelscope, unet
-from . import choices
+from ..loaders import checkpoint, download, modelscope, unet
+from . import choices, fetch
 
 
 class ChineseUNetLoader(io.ComfyNode):
@@ -42,21 +42,25 @@ class ModelScopeLoader(io.ComfyNode):
             node_id="ChineseSD_ModelScopeLoader",
             display_name="Load Chinese Stable Diffusion (ModelScope folder)",
             category="loaders/Chinese Stable Diffusion",
-            description="Loads UNet, Chinese-CLIP text encoder and VAE from a ModelScope/diffusers folder such "
-                        "as damo/multi-modal_chinese_stable_diffusion_v1.0 placed in models/diffusers/.",
+            description="Loads UNet, Chinese-CLIP text encoder and VAE from a ModelScope/diffusers folder in "
+                        f"models/diffusers/. {download.FOLDER} ({download.MODEL_ID}) is downloaded from ModelScope "
+                        f"the first time it runs when it is not there ({download.APPROX_SIZE}).",
             inputs=[
-                io.Combo.Input("model_folder", options=choices.model_folders(),
-                               tooltip="A ModelScope/diffusers model folder in models/diffusers/, e.g. "
-                                       "multi-modal_chinese_stable_diffusion_v1.0 as downloaded."),
+                io.Combo.Input("model_folder", options=choices.model_folders(downloadable=True),
+                               tooltip=choices.model_folder_tooltip()),
                 *choices.model_loader_inputs("auto reads scheduler/scheduler_config.json."),
             ],
             outputs=choices.model_loader_outputs(),
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, model_folder, prediction="auto", unet_dtype="default", text_encoder_dtype="default",
                 text_encoder_device="default") -> io.NodeOutput:
-        folder = choices.resolve_model_folder(model_folder)
+        if choices.missing_download(model_folder):
+            folder = fetch.fetch_model_folder(choices.model_roots(), cls.hidden.unique_id if cls.hidden else None)
+        else:
+            folder = choices.resolve_model_folder(model_folder)
         model, clip, vae = modelscope.load_folder(
             folder, prediction=prediction, unet_options=choices.UNET_DTYPES[unet_dtype],
             clip_dtype=choices.DTYPES[text_encoder_dtype], clip_device=choices.DEVICES[text_encoder_device],

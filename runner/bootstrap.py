@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from . import RunError
 from .filelock import locked
 
+PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this pack's folder
+
 log = logging.getLogger("chinese_sd.run")
 
 PRODUCT = "comfyui-chinese-sd"
@@ -125,19 +127,23 @@ def ensure(host=NEWEST_HOST, transformers=None, cache=None, archive=None):
     with locked(os.path.join(cache, ".bootstrap.lock")):
         stamp = {"bootstrap": BOOTSTRAP_VERSION, "python": sys.version.split()[0], "comfyui": host,
                  "torch": list(spec.torch), "transformers": transformers}
-        if _read_stamp(venv) == stamp and read_comfyui_version(comfyui) == host:
+        pack = pack_requirements()
+        found = _read_stamp(venv) or {}
+        base = {k: v for k, v in found.items() if k != "pack"}
+        if base == stamp and read_comfyui_version(comfyui) == host:
+            if found.get("pack") != pack:  # the pack's own requirements changed (an update): add them only
+                _install_pack_requirements(venv_python(venv), venv, {**stamp, "pack": pack})
             return venv_python(venv), comfyui
         log.info("Setting up ComfyUI %s with torch and transformers %s in %s (once; about 3 GB to download, "
                  "7 GB on disk)", host, transformers, cache)
         python = venv_python(venv)
-        if _read_stamp(venv) != stamp:
+        if base != stamp:
             _create_venv(venv)
         if read_comfyui_version(comfyui) != host:
             _fetch_comfyui(spec, comfyui, cache, python, archive)
-        if _read_stamp(venv) != stamp:
+        if base != stamp:
             _install(python, spec, transformers, comfyui, venv)
-            with open(os.path.join(venv, STAMP), "w", encoding="utf-8") as f:
-                json.dump(stamp, f)
+            _install_pack_requirements(python, venv, {**stamp, "pack": pack})
         log.info("The environment is ready: %s", python)
         return python, comfyui
 
@@ -182,6 +188,19 @@ def _install(python, spec, transformers, comfyui, venv):
     log.info("Installing ComfyUI %s's requirements, %s and transformers %s (pip's progress follows)",
              spec.version, " ".join(spec.torch), transformers)
     _pip(python, "install", "--progress-bar", "on", *extra, "-r", path, *spec.torch, f"transformers=={transformers}")
+
+
+def pack_requirements():
+    """The pack's own requirements.txt (what ComfyUI-Manager installs with it), comments dropped."""
+    with open(os.path.join(PACK_DIR, "requirements.txt"), encoding="utf-8") as f:
+        return [line.split("#", 1)[0].strip() for line in f if line.split("#", 1)[0].strip()]
+
+
+def _install_pack_requirements(python, venv, stamp):
+    log.info("Installing this pack's requirements: %s", " ".join(stamp["pack"]))
+    _pip(python, "install", "--progress-bar", "on", *stamp["pack"])
+    with open(os.path.join(venv, STAMP), "w", encoding="utf-8") as f:
+        json.dump(stamp, f)
 
 
 def comfyui_requirements(comfyui):

@@ -21,6 +21,8 @@ import sys
 import tempfile
 import urllib.parse
 
+from loaders import download
+
 from . import RunError, bootstrap
 from .comfyui import OLDEST, PACK_DIR, check_comfyui, find_python, installed_pack, private_custom_nodes
 
@@ -91,8 +93,15 @@ def _cfg(text):
     return value
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line, like every other error of the command."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (python3 run.py --help lists the options)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python3 run.py",
         description="Generate a picture from a (Chinese) prompt with Chinese Stable Diffusion through a real "
                     "ComfyUI run headless, or start ComfyUI's UI with this pack (--serve). With --comfyui it uses "
@@ -100,19 +109,22 @@ def build_parser():
                     "otherwise the first run sets up an environment of its own with torch and ComfyUI "
                     f"{bootstrap.NEWEST_HOST} (about 3 GB to download, 7 GB on disk, in {bootstrap.cache_root()} "
                     f"or ${bootstrap.CACHE_ENV}).",
-        epilog="With --model the defaults are ModelScope's (the model card's pipe({'text': ..., "
+        epilog=f"Without --model the command uses {download.MODEL_ID} from ModelScope, downloaded once "
+               f"({download.APPROX_SIZE}; ${download.ENDPOINT_ENV} picks a mirror) into --comfyui's models/diffusers/, "
+               "else into the command's cache. The defaults are ModelScope's (the model card's pipe({'text': ..., "
                "'negative_prompt': ..., 'num_inference_steps': 50, 'guidance_scale': 7.5}) at 512x512): euler + "
                "simple is step for step DDIM with trailing timesteps. The model card's DPMSolver usage: --sampler "
-               "dpmpp_2m --scheduler karras --steps 25. Without --model a small demo model with random weights "
-               "is used (the picture is noise) and the defaults are quick: "
+               "dpmpp_2m --scheduler karras --steps 25. --model demo is a small model with random weights (the "
+               "picture is noise, nothing is downloaded) with quick defaults: "
                f"{DEMO_DEFAULTS['steps']} steps at {DEMO_DEFAULTS['width']}x{DEMO_DEFAULTS['height']}.")
     parser.add_argument("prompt", nargs="?", help="what to draw, e.g. 中国山水画")
     parser.add_argument("--negative", default=None, metavar="TEXT",
                         help="negative prompt (default: 模糊的, as in the shipped workflow; '' for none)")
-    parser.add_argument("--model", metavar="PATH",
-                        help="a ModelScope/diffusers model folder (damo/multi-modal_chinese_stable_diffusion_v1.0) "
-                             "or a checkpoint .safetensors written by `python -m loaders.convert` "
-                             "(default: the built-in demo model, random weights)")
+    parser.add_argument("--model", metavar="MODEL",
+                        help=f"{download.MODEL_ID} (the default; also its old name {download.OLD_IDS[0]}): "
+                             "downloaded from ModelScope on first use; a ModelScope/diffusers model folder; a "
+                             "checkpoint .safetensors written by `python -m loaders.convert`; or demo (a small model "
+                             "with random weights, for a quick try)")
     parser.add_argument("--steps", type=lambda t: _int_in(t, 1, 10000), default=None,
                         help=f"sampling steps (50; demo {DEMO_DEFAULTS['steps']})")
     parser.add_argument("--cfg", type=_cfg, default=7.5, help="guidance scale (7.5)")
@@ -130,7 +142,9 @@ def build_parser():
                         help="truncate: keep the first 50 prompt tokens as the reference pipeline does (a line says "
                              "how many are dropped and where the cut falls); chunk: encode the rest in more "
                              "52-token windows")
-    parser.add_argument("--out", metavar="FILE.png", help="where to write the picture (default: chinese_sd_<seed>.png)")
+    parser.add_argument("--out", metavar="FILE.png|FOLDER",
+                        help="where to write the picture: a .png file name, or a folder (it gets chinese_sd_<seed>.png; "
+                             "default: that name in the current folder)")
     parser.add_argument("--verbose", action="store_true", help="show ComfyUI's own log")
     where = parser.add_argument_group("where it runs")
     where.add_argument("--comfyui", metavar="PATH",
@@ -164,23 +178,32 @@ def parse_args(argv):
         parser.error("a prompt is needed, e.g. python3 run.py 中国山水画")
     if args.python and not args.comfyui:
         parser.error("--python goes with --comfyui")
+    if args.out and not os.path.isdir(args.out) and not args.out.lower().endswith(".png"):
+        parser.error(f"--out {args.out}: the picture is a PNG: give a file name ending in .png, or a folder")
     return args
 
 
 def settings(args):
     """steps, width and height: the given ones, else the model card's (or the demo's quick ones)."""
-    defaults = DEMO_DEFAULTS if args.model is None else MODEL_DEFAULTS
+    defaults = DEMO_DEFAULTS if args.model == DEMO else MODEL_DEFAULTS
     return {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
 
 
+DEMO = "demo"
+
+
 def check_model(path):
-    """(kind, absolute path) of --model: ('folder', ...), ('checkpoint', ...) or ('demo', None)."""
+    """(kind, what) of --model: ('hub', the ModelScope id), ('folder', absolute path), ('checkpoint', absolute path)
+    or ('demo', None)."""
     from loaders.folders import is_model_folder
 
-    if path is None:
+    if path is None or download.repo_for(path):
+        return "hub", download.MODEL_ID
+    if path == DEMO:
         return "demo", None
     if not os.path.exists(path):
-        raise RunError(f"--model {path}: no such file or folder")
+        raise RunError(f"--model {path}: no such file or folder (the model's ModelScope id is {download.MODEL_ID}; "
+                       f"--model {DEMO} is the quick demo)")
     full = os.path.abspath(path)
     if os.path.isdir(full):
         if not is_model_folder(full):
@@ -355,6 +378,56 @@ def link_model(work, kind, path):
         return os.path.dirname(os.path.normpath(path)), name, {}
 
 
+def _ascii_only(stream):
+    """Whether a console can't show the progress bar's block characters (a gbk or ascii console)."""
+    try:
+        "▏█".encode(stream.encoding or "ascii")
+        return False
+    except (UnicodeEncodeError, LookupError):
+        return True
+
+
+def models_dir(args, comfyui):
+    """Where the command keeps the ModelScope model: --comfyui's models/diffusers/ (where ComfyUI's loader finds
+    and downloads it too), else the command's cache (kept when the environment is set up anew)."""
+    if args.comfyui:
+        return os.path.join(comfyui, "models", "diffusers")
+    return os.path.join(bootstrap.cache_root(), "models", "diffusers")
+
+
+def fetch_model(folder):
+    """The ModelScope model's folder in `folder`, downloaded first when it is not there: one progress bar in bytes
+    (the client's own per-file bars are not shown); Ctrl+C stops it, and the next run resumes it."""
+    global _bar
+    from tqdm import tqdm
+
+    from loaders.errors import ModelLoadError
+
+    stream, bar = sys.stderr, None
+
+    def progress(done, total):
+        global _bar
+        nonlocal bar
+        if bar is None:
+            bar = _bar = tqdm(total=total, desc="Downloading", unit="B", unit_scale=True, unit_divisor=1024,
+                              file=stream, ascii=_ascii_only(stream), leave=True)
+        bar.n = done
+        bar.refresh()
+
+    try:
+        with open(os.devnull, "w", encoding="utf-8") as null, contextlib.redirect_stderr(null):
+            return download.ensure_model(folder, progress=progress, announce=say)
+    except ModelLoadError as e:
+        raise RunError(str(e)) from None
+    except KeyboardInterrupt:
+        say("The download stopped; run the command again to resume it.")
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+            _bar = None
+
+
 class Progress:
     """A terminal progress bar over the sampler's steps (from the websocket's progress messages)."""
 
@@ -365,13 +438,8 @@ class Progress:
         global _bar
         from tqdm import tqdm
 
-        stream = sys.stderr
-        try:
-            "▏█".encode(stream.encoding or "ascii")
-            ascii_only = False
-        except (UnicodeEncodeError, LookupError):
-            ascii_only = True
-        self.bar = _bar = tqdm(total=steps, desc="Starting", unit="step", file=stream, ascii=ascii_only, leave=True,
+        self.bar = _bar = tqdm(total=steps, desc="Starting", unit="step", file=sys.stderr,
+                               ascii=_ascii_only(sys.stderr), leave=True,
                                bar_format="{desc:<20} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps "
                                           "[{elapsed}<{remaining}]")
 
@@ -474,7 +542,9 @@ def weights_line(log_text):
 
 
 def start_server(comfyui, work, args, info, folders, dirs, port, listen="127.0.0.1", log_to_file=True):
-    """ComfyUI with the pack visible (a private custom_nodes entry unless it is installed there already)."""
+    """ComfyUI with the pack visible (a private custom_nodes entry unless it is installed there already); in the
+    command's own environment the cache's models/diffusers/ comes first, so the loader downloads the ModelScope model
+    where the command keeps it."""
     from .process import ComfyProcess, comfyui_args, write_extra_paths
 
     installed = installed_pack(comfyui)
@@ -482,8 +552,12 @@ def start_server(comfyui, work, args, info, folders, dirs, port, listen="127.0.0
         folders = {**folders, "custom_nodes": private_custom_nodes(work)}
     elif os.path.realpath(installed) != os.path.realpath(PACK_DIR):
         log.info("This pack is installed in that ComfyUI (%s): its nodes are used", installed)
-    config = write_extra_paths(os.path.join(work, "extra_model_paths.yaml"), folders, section="chinese_sd_run")
-    cmd = comfyui_args(port, listen=listen, dirs=dirs, configs=[config], cpu=info["cpu"])
+    configs = [write_extra_paths(os.path.join(work, "extra_model_paths.yaml"), folders, section="chinese_sd_run")]
+    if not args.comfyui:
+        configs.append(write_extra_paths(os.path.join(work, "extra_model_paths_default.yaml"),
+                                         {"diffusers": models_dir(args, comfyui)}, section="chinese_sd_models",
+                                         is_default=True))
+    cmd = comfyui_args(port, listen=listen, dirs=dirs, configs=configs, cpu=info["cpu"])
     return ComfyProcess(comfyui, cmd, python=sys.executable, cwd=work,
                         log_path=os.path.join(work, "comfyui.log") if log_to_file else None)
 
@@ -504,10 +578,11 @@ def generate(args, comfyui, signals):
         check_choices(info, args)
         kind, path = args.model_kind, args.model_path
         folders = {}
+        if kind == "hub":
+            kind, path = "folder", fetch_model(models_dir(args, comfyui))
         if kind == "demo":
-            say("No --model given: using the built-in demo model. Its weights are random, so the picture will be "
-                "noise; pass --model with the ModelScope folder (damo/multi-modal_chinese_stable_diffusion_v1.0) "
-                "or a converted checkpoint for real pictures.")
+            say("--model demo: the built-in demo model. Its weights are random, so the picture will be noise; "
+                f"without --model the command uses {download.MODEL_ID} from ModelScope.")
             kind, path = "checkpoint", ensure_demo(sys.executable, comfyui, bootstrap.cache_root(), log)
             folders["checkpoints"] = demo_folder(bootstrap.cache_root())
             name, seen_as = os.path.basename(path), {}
@@ -556,7 +631,7 @@ def serve(args, comfyui, signals):
         demo = ensure_demo(sys.executable, comfyui, cache, log)
         folders = {"checkpoints": [demo_folder(cache)]}
         name = None
-        if args.model_kind != "demo":
+        if args.model_kind not in ("demo", "hub"):
             folder, name, _ = link_model(work, args.model_kind, args.model_path)
             key = "diffusers" if args.model_kind == "folder" else "checkpoints"
             folders[key] = folders.get(key, []) + [folder]
@@ -575,6 +650,11 @@ def serve(args, comfyui, signals):
             loader = ("Load Chinese Stable Diffusion (ModelScope folder)" if args.model_kind == "folder"
                       else "Load Chinese SD Checkpoint")
             say(f"Your model is listed as {name} in {loader}.")
+        elif args.model_kind == "hub":
+            there = os.path.isdir(os.path.join(models_dir(args, comfyui), download.FOLDER))
+            say(f"{download.MODEL_ID} is listed as {download.FOLDER} in Load Chinese Stable Diffusion (ModelScope "
+                "folder)" + ("." if there else f"; it is downloaded from ModelScope ({download.APPROX_SIZE}) into "
+                                               f"{models_dir(args, comfyui)} the first time a workflow runs with it."))
         say(f"Workflows: the template browser, under comfyui-chinese-sd. Pictures go to {dirs['output']}. "
             "Ctrl+C stops the server.")
         while server.proc.poll() is None:

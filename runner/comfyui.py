@@ -11,9 +11,8 @@ import shutil
 import sys
 
 from . import RunError
-from .bootstrap import read_assignment, read_comfyui_version, venv_python
+from .bootstrap import PACK_DIR, read_assignment, read_comfyui_version, venv_python
 
-PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_NAME = "chinese-stable-diffusion"  # pyproject.toml's [project] name (the registry's node id)
 LINK_NAME = "comfyui-chinese-sd"
 OLDEST = "0.3.52"  # the oldest ComfyUI with the V3 node API the pack uses (pyproject's requires-comfyui)

@@ -62,10 +62,13 @@ def comfyui_args(port, listen="127.0.0.1", dirs=None, configs=(), cpu=False, in_
     return args
 
 
-def write_extra_paths(path, folders, section="chinese_sd"):
-    """An extra_model_paths.yaml: {ComfyUI folder name (checkpoints, diffusers, custom_nodes, ...): [paths]}."""
+def write_extra_paths(path, folders, section="chinese_sd", is_default=False):
+    """An extra_model_paths.yaml: {ComfyUI folder name (checkpoints, diffusers, custom_nodes, ...): [paths]};
+    is_default: ComfyUI puts these paths first (where its nodes save and download models)."""
     with open(path, "w", encoding="utf-8") as f:
         f.write(f"{section}:\n")
+        if is_default:
+            f.write("    is_default: true\n")
         for name, entries in folders.items():
             if isinstance(entries, str):
                 entries = [entries]
