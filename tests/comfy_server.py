@@ -27,14 +27,18 @@ def _no_gpu():
 
 
 class ComfyServer(ComfyProcess):
-    def __init__(self, comfyui_path, workdir, model_paths, env=None, extra_args=()):
+    def __init__(self, comfyui_path, workdir, model_paths, env=None, extra_args=(), default_paths=None):
         """model_paths: {ComfyUI folder name: absolute path} added through an extra_model_paths.yaml;
+        default_paths: the same, put first (where ComfyUI's nodes save and download models);
         extra_args: more of ComfyUI's command-line options."""
         self.workdir = workdir
-        config = write_extra_paths(os.path.join(workdir, "extra_model_paths.yaml"), model_paths,
-                                   section="chinese_sd_tests")
+        configs = [write_extra_paths(os.path.join(workdir, "extra_model_paths.yaml"), model_paths,
+                                     section="chinese_sd_tests")]
+        if default_paths:
+            configs.append(write_extra_paths(os.path.join(workdir, "extra_model_paths_default.yaml"), default_paths,
+                                             section="chinese_sd_tests_default", is_default=True))
         dirs = {d: os.path.join(workdir, d) for d in ("output", "input", "temp", "user")}
-        args = [*comfyui_args(free_port(), dirs=dirs, configs=[config], cpu=_no_gpu()), *extra_args]
+        args = [*comfyui_args(free_port(), dirs=dirs, configs=configs, cpu=_no_gpu()), *extra_args]
         super().__init__(comfyui_path, args,
                          python=sys.executable, cwd=workdir, log_path=os.path.join(workdir, "server.log"), env=env)
 

@@ -60,6 +60,24 @@ def fixture_root(model_folders):
     return os.path.dirname(next(iter(model_folders.values())))
 
 
+@pytest.fixture(scope="session")
+def model_hub(model_folders):
+    """A stand-in ModelScope hub on 127.0.0.1 serving the tiny ModelScope-layout model under the real model's id
+    (tests/stand_in_hub.py); tests set its faults and read its request log (both reset by `hub_clean`)."""
+    from stand_in_hub import StandInHub
+    with StandInHub({pack.loaders.download.MODEL_ID: model_folders["csd_eps_safetensors"]}) as hub:
+        yield hub
+
+
+@pytest.fixture
+def hub(model_hub):
+    model_hub.reset_faults()
+    with model_hub.lock:
+        model_hub.requests.clear()
+    yield model_hub
+    model_hub.reset_faults()
+
+
 # The ComfyUI folders of the shared server's model tree (each an extra_model_paths.yaml entry)
 SHARED_KINDS = ("diffusers", "checkpoints", "diffusion_models", "text_encoders", "vae", "loras", "controlnet",
                 "embeddings")
@@ -147,7 +165,7 @@ def converted(model_folders, tmp_path_factory):
 #   slow     any of these, or a module of long model runs; `bash tests/run.sh -m "not slow"` is the quick subset
 RUNS_COMFYUI = {"test_run_command"}
 BROWSER = {"test_browser"}
-FUZZ = {"test_hostile_files", "test_hostile_prompts"}
+FUZZ = {"test_hostile_files", "test_hostile_prompts", "test_download"}
 SLOW = {"test_end_to_end_parity", "test_convert", "test_sd1_family", "test_text_sources", "test_bench_memory"}
 
 
@@ -164,10 +182,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__.rpartition(".")[2]
         marks = set()
-        if module in RUNS_COMFYUI or module in BROWSER or any(n.endswith("server") or n == "comfy" for n in item.fixturenames):
-            marks.add("server")
-        if module in BROWSER:
+        if module in BROWSER or "in_the_browser" in item.name:
             marks.add("browser")
+        if module in RUNS_COMFYUI or "browser" in marks or any(n.endswith("server") or n == "comfy" for n in item.fixturenames):
+            marks.add("server")
         if module in FUZZ:
             marks.add("fuzz")
         if marks or module in SLOW:

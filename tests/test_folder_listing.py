@@ -76,6 +76,9 @@ def tree(tmp_path_factory):
     make_model(base / "model_beside_root")
     os.symlink(base, root / "parent")  # the folder holding the root
     os.symlink(outside / "c1", outside / "c2" / "back")  # c1 -> c2 -> c1: a loop through two links
+    # hidden folders: a download in progress (loaders/download.py stages it there), a .git
+    make_model(root / ".downloading" / "multi-modal_chinese_stable_diffusion_v1.0")
+    make_model(root / ".git" / "model")
     # links that lead nowhere
     os.symlink("self", root / "self")
     os.symlink(root / "missing", root / "dangling")
@@ -142,7 +145,8 @@ def test_server_lists_the_folders(server):
         return spec[1]["options"] if spec[0] == "COMBO" else spec[0]
 
     start = time.monotonic()
-    assert options("ChineseSD_ModelScopeLoader", "model_folder") == EXPECTED
+    # the ModelScope model is offered while it is not there: its loader downloads it
+    assert options("ChineseSD_ModelScopeLoader", "model_folder") == sorted(EXPECTED + [pack.loaders.download.FOLDER])
     assert [o for o in options("ChineseSD_UNetLoader", "unet_name") if o.endswith("/unet")] == \
         [f"{f}/unet" for f in EXPECTED]
     assert time.monotonic() - start < 10

@@ -19,7 +19,8 @@ from PIL import Image
 from comfy_server import PACK_DIR, free_port
 from conftest import CACHE_DIR, COMFYUI_PATH, NODE_IDS
 
-from runner import bootstrap, cli  # noqa: E402  (comfy_server put the pack's folder on sys.path)
+from loaders import download  # noqa: E402  (comfy_server put the pack's folder on sys.path)
+from runner import bootstrap, cli  # noqa: E402
 
 PYTHON = shutil.which("python3") or sys.executable  # the machine's Python, not the test bed's environment
 PROMPT = "中国山水画，远山，云雾"
@@ -31,17 +32,20 @@ HOSTS_DIR = os.environ.get("CNSD_HOSTS_DIR") or os.path.join(os.path.dirname(PAC
 ARCHIVE = os.path.join(HOSTS_DIR, f"comfyui-{bootstrap.NEWEST_HOST}.tar.gz")
 
 
-def cli_env(tmp, encoding="utf-8"):
-    env = {k: v for k, v in os.environ.items() if k not in (cli.STAGE_ENV, "COMFYUI_PATH")}
+def cli_env(tmp, encoding="utf-8", hub=None):
+    """The environment of a user's shell; hub: the stand-in ModelScope hub as the model's endpoint."""
+    env = {k: v for k, v in os.environ.items() if k not in (cli.STAGE_ENV, "COMFYUI_PATH", download.ENDPOINT_ENV)}
     env.update({bootstrap.CACHE_ENV: PRODUCT_CACHE, bootstrap.ARCHIVE_ENV: ARCHIVE, "TMPDIR": str(tmp),
                 "PYTHONIOENCODING": encoding, "PIP_CACHE_DIR": os.path.join(CACHE_DIR, "pip")})
+    if hub is not None:
+        env[download.ENDPOINT_ENV] = hub.url
     return env
 
 
-def run_cli(args, cwd, encoding="utf-8", timeout=900):
+def run_cli(args, cwd, encoding="utf-8", timeout=900, hub=None):
     tmp = cwd / "tmp"
     tmp.mkdir(exist_ok=True)
-    proc = subprocess.run([PYTHON, os.path.join(PACK_DIR, "run.py"), *args], cwd=cwd, env=cli_env(tmp, encoding),
+    proc = subprocess.run([PYTHON, os.path.join(PACK_DIR, "run.py"), *args], cwd=cwd, env=cli_env(tmp, encoding, hub),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
     proc.out, proc.err = proc.stdout.decode(encoding), proc.stderr.decode(encoding)
     leftovers = [n for n in os.listdir(tmp) if n.startswith("chinese-sd-")]
@@ -74,17 +78,21 @@ def _link_or_copy(src, dst):
         shutil.copy2(src, dst)
 
 
-@pytest.fixture(scope="module")
-def users_comfyui(tmp_path_factory):
+def users_comfyui_in(folder):
     """A ComfyUI as a user has it, without this pack: the test bed's ComfyUI (hard-linked, its compiled modules
     too, as a ComfyUI has them once it has run) with the test bed's environment as its venv/ (which the command
     must find by itself)."""
-    dest = tmp_path_factory.mktemp("user") / "ComfyUI"
+    dest = folder / "ComfyUI"
     shutil.copytree(COMFYUI_PATH, dest, symlinks=True, copy_function=_link_or_copy,
                     ignore=lambda d, names: [n for n in names if os.path.islink(os.path.join(d, n))
                                              and d.endswith("custom_nodes")])
     os.symlink(sys.prefix, dest / "venv", target_is_directory=True)
     return dest
+
+
+@pytest.fixture(scope="module")
+def users_comfyui(tmp_path_factory):
+    return users_comfyui_in(tmp_path_factory.mktemp("user"))
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +114,8 @@ def test_demo_and_a_modelscope_folder_in_the_users_comfyui_leave_it_unchanged(us
     before = snapshot(users_comfyui)
     assert not os.path.exists(users_comfyui / "custom_nodes" / "comfyui-chinese-sd")
 
-    demo = run_cli([PROMPT, "--comfyui", str(users_comfyui), "--seed", "7", "--out", str(tmp_path / "demo.png")],
+    demo = run_cli([PROMPT, "--model", "demo", "--comfyui", str(users_comfyui), "--seed", "7",
+                    "--out", str(tmp_path / "demo.png")],
                    tmp_path, encoding="gbk")
     assert demo.returncode == 0, demo.err
     assert "demo model" in demo.out and "noise" in demo.out  # said plainly
@@ -225,8 +234,8 @@ def test_no_product_file_calls_bash_or_reaches_into_tests():
 def test_own_environment_demo_run_leaves_its_comfyui_unchanged(product_env, tmp_path):
     python, comfyui = product_env
     before = snapshot(comfyui)
-    proc = run_cli([PROMPT, "--seed", "3", "--steps", "2", "--width", "64", "--height", "64"], tmp_path,
-                   encoding="gbk")
+    proc = run_cli([PROMPT, "--model", "demo", "--seed", "3", "--steps", "2", "--width", "64", "--height", "64"],
+                   tmp_path, encoding="gbk")
     assert proc.returncode == 0, proc.err
     assert "2/2" in proc.err and "saved" in proc.out
     png_pixels(tmp_path / "chinese_sd_3.png", (64, 64))
@@ -237,8 +246,9 @@ def test_own_environment_demo_run_leaves_its_comfyui_unchanged(product_env, tmp_
 
 def test_defaults_are_the_model_cards_with_a_model_and_quick_for_the_demo():
     with_model = cli.parse_args(["中国山水画", "--model", "m"])
-    demo = cli.parse_args(["中国山水画"])
-    assert cli.settings(with_model) == {"steps": 50, "width": 512, "height": 512}
+    demo = cli.parse_args(["中国山水画", "--model", "demo"])
+    assert cli.settings(with_model) == cli.settings(cli.parse_args(["中国山水画"])) == \
+        {"steps": 50, "width": 512, "height": 512}
     assert cli.settings(demo) == cli.DEMO_DEFAULTS and cli.DEMO_DEFAULTS["steps"] <= 8
     assert f"{cli.DEMO_DEFAULTS['steps']} steps at {cli.DEMO_DEFAULTS['width']}x" in cli.build_parser().format_help()
     for kind, name in cli.WORKFLOWS.items():
@@ -277,14 +287,25 @@ def test_mistakes_are_one_clear_message_before_any_server_starts(users_comfyui, 
         assert "Starting ComfyUI" not in proc.err and "Traceback" not in proc.err
         return proc
 
+    for args, message in (([PROMPT, "--steps", "0"], "argument --steps: 0 is outside 1..10000"),
+                          ([PROMPT, "--out", "picture.jpg"], "--out picture.jpg: the picture is a PNG: give a file "
+                                                               "name ending in .png, or a folder"),
+                          ([], "a prompt is needed, e.g. python3 run.py 中国山水画")):
+        proc = run_cli(args, tmp_path)  # argparse's own errors: one line too
+        assert proc.returncode == 2 and proc.out == "", proc.err
+        assert proc.err.splitlines() == [f"error: {message} (python3 run.py --help lists the options)"]
+    assert "a .png file name, or a folder" in " ".join(run_cli(["--help"], tmp_path).out.split())
+
     missing = tmp_path / "没有这个模型"
-    fails([PROMPT, "--model", str(missing)], f"--model {missing}: no such file or folder")
+    fails([PROMPT, "--model", str(missing)], f"--model {missing}: no such file or folder (the model's ModelScope "
+                                             f"id is {download.MODEL_ID}; --model demo is the quick demo)")
     broken = tmp_path / "broken_model"  # a download cut short: no vae/
     (broken / "unet").mkdir(parents=True)
     (broken / "text_encoder").mkdir()
     fails([PROMPT, "--model", str(broken), "--comfyui", str(users_comfyui)],
           f"--model {broken}: the model folder is incomplete: no vae/ (a download cut short?)")
-    proc = run_cli([PROMPT, "--comfyui", str(users_comfyui), "--sampler", "no_such_sampler"], tmp_path)
+    proc = run_cli([PROMPT, "--model", "demo", "--comfyui", str(users_comfyui), "--sampler", "no_such_sampler"],
+                   tmp_path)
     assert proc.returncode == 1 and "error: --sampler no_such_sampler: not one of this ComfyUI's samplers: " \
         "euler, " in proc.err and "Starting ComfyUI" not in proc.err
     fails([PROMPT, "--comfyui", str(tmp_path)], f"--comfyui {tmp_path}: not a ComfyUI folder (no main.py and comfy/)")
@@ -335,7 +356,7 @@ def test_serve_offers_the_demo_model_and_stops_on_signals_even_when_the_parent_i
         for i, signum in enumerate((signal.SIGINT, signal.SIGTERM)):
             port = free_port()
             args = ["--serve", "--comfyui", str(users_comfyui), "--port", str(port)] + \
-                (["--model", folder] if i == 0 else [])
+                (["--model", folder] if i == 0 else [])  # without --model: the ModelScope model, not yet there
             log = tmp_path / f"serve{i}.out"
             out = open(log, "wb")
             proc = subprocess.Popen([PYTHON, os.path.join(PACK_DIR, "run.py"), *args], cwd=tmp_path,
@@ -353,7 +374,8 @@ def test_serve_offers_the_demo_model_and_stops_on_signals_even_when_the_parent_i
                 info = json.loads(r.read().decode("utf-8"))
             assert set(NODE_IDS) <= set(info)
             folders = info["ChineseSD_ModelScopeLoader"]["input"]["required"]["model_folder"][1]["options"]
-            assert folders == ([os.path.basename(folder)] if i == 0 else [])
+            # the ModelScope model is offered while it is not there (the loader downloads it)
+            assert folders == sorted([download.FOLDER] + ([os.path.basename(folder)] if i == 0 else []))
             checkpoints = info["ChineseSD_CheckpointLoader"]["input"]["required"]["ckpt_name"][1]["options"]
             assert "chinese_sd_demo.safetensors" in checkpoints
             with urllib.request.urlopen(url + "/workflow_templates", timeout=60) as r:
@@ -365,6 +387,7 @@ def test_serve_offers_the_demo_model_and_stops_on_signals_even_when_the_parent_i
         for (proc, port, signum, out, log), child in zip(runs, children):
             assert proc.wait(timeout=10) == 0, log.read_text(encoding="utf-8", errors="replace")  # the promise
             text = log.read_text(encoding="utf-8", errors="replace")
+            assert (f"{download.MODEL_ID} is listed as {download.FOLDER}" in text) == (signum == signal.SIGTERM)
             after = text[text.index(f"http://127.0.0.1:{port}"):]  # ComfyUI's start-up log has its own warnings
             assert "ComfyUI stopped." in after and "Traceback" not in after
             assert not _alive(child)  # the server went with it
@@ -390,7 +413,7 @@ def test_a_run_started_with_sigint_ignored_stops_on_sigint_and_leaves_nothing(us
     log = tmp_path / "run.out"
     with open(log, "wb") as out:
         proc = subprocess.Popen([PYTHON, os.path.join(PACK_DIR, "run.py"), PROMPT, "--comfyui", str(users_comfyui),
-                                 "--steps", "10000", "--seed", "1"], cwd=tmp_path, env=cli_env(tmp), stdout=out,
+                                 "--model", "demo", "--steps", "10000", "--seed", "1"], cwd=tmp_path, env=cli_env(tmp), stdout=out,
                                 stderr=subprocess.STDOUT, preexec_fn=_ignore_sigint)
         try:
             deadline = time.time() + 600
@@ -435,3 +458,77 @@ def test_sampler_and_scheduler_names_are_read_as_comfyui_defines_them(tmp_path):
     (tmp_path / "comfy").mkdir()
     (tmp_path / "comfy" / "samplers.py").write_text("SAMPLER_NAMES = make_names()\n")
     assert cli.sampler_names(str(tmp_path)) is None  # another shape: ComfyUI itself is asked (probe)
+
+
+# ----------------------------------------------------------------------------------------------
+# the real model, fetched from ModelScope (a stand-in hub here) by the command itself
+
+
+def test_without_model_the_command_downloads_the_model_once_into_the_users_comfyui(hub, tmp_path):
+    comfyui = users_comfyui_in(tmp_path / "user")
+    target = comfyui / "models" / "diffusers" / download.FOLDER
+    first = run_cli([PROMPT, "--comfyui", str(comfyui), "--steps", "2", "--width", "64", "--height", "64", "--seed",
+                     "11"], tmp_path, hub=hub, encoding="gbk")
+    assert first.returncode == 0, first.err
+    (said,) = [x for x in first.out.splitlines() if x.startswith("Downloading ")]
+    assert re.fullmatch(rf"Downloading {download.MODEL_ID} from {hub.url}: \d+ files, [\d.]+ GiB, into {target}", said)
+    assert re.search(r"Downloading: 100%.*\[", first.err)  # one progress bar, in bytes ...
+    assert "diffusion_pytorch_model" not in first.err and "Traceback" not in first.err  # ... not the client's own
+    assert (target / download.RECORD).is_file() and "noise" not in first.out
+    png_pixels(tmp_path / "chinese_sd_11.png", (64, 64))
+
+    hub.requests.clear()
+    second = run_cli([PROMPT, "--comfyui", str(comfyui), "--steps", "2", "--width", "64", "--height", "64", "--seed",
+                      "12", "--model", "damo/multi-modal_chinese_stable_diffusion_v1.0"], tmp_path, hub=hub)
+    assert second.returncode == 0, second.err
+    assert hub.requests == [] and "Downloading" not in second.out + second.err  # no hub request at all
+    png_pixels(tmp_path / "chinese_sd_12.png", (64, 64))
+
+
+def test_ctrl_c_stops_a_download_and_the_next_run_resumes_it(hub, tmp_path):
+    comfyui = users_comfyui_in(tmp_path / "user")
+    hub.rate = 2 * 1024 ** 2
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    log = tmp_path / "run.out"
+    args = [PYTHON, os.path.join(PACK_DIR, "run.py"), PROMPT, "--comfyui", str(comfyui), "--steps", "1", "--width",
+            "64", "--height", "64", "--seed", "3"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, cwd=tmp_path, env=cli_env(tmp, hub=hub), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 300
+            while not re.search(r"Downloading: +[1-9]", log.read_text(encoding="utf-8", errors="replace")):
+                assert proc.poll() is None and time.time() < deadline, log.read_text(encoding="utf-8")
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=10) == 128 + signal.SIGINT
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = log.read_text(encoding="utf-8", errors="replace")
+    assert "The download stopped; run the command again to resume it." in text and "Traceback" not in text
+    assert text.strip().splitlines()[-1] == "interrupted"
+    assert not (comfyui / "models" / "diffusers" / download.FOLDER).exists()
+
+    hub.rate = None
+    hub.requests.clear()
+    again = run_cli(args[2:], tmp_path, hub=hub)
+    assert again.returncode == 0, again.err
+    assert any(rng for _, rng in hub.file_requests())  # resumed where it stopped
+    assert "resuming after" in again.out
+
+
+def test_own_environment_first_run_downloads_the_model_as_the_readme_says(product_env, hub, tmp_path):
+    models = os.path.join(PRODUCT_CACHE, "models", "diffusers")
+    for name in (download.FOLDER, download.STAGING):  # a fresh install: no model yet
+        shutil.rmtree(os.path.join(models, name), ignore_errors=True)
+    proc = run_cli(["中国山水画"], tmp_path, hub=hub)  # the README's quick start, as written
+    assert proc.returncode == 0, proc.err
+    assert f"Downloading {download.MODEL_ID} from {hub.url}: " in proc.out
+    assert "512x512, 50 steps, euler + simple, CFG 7.5" in proc.out and "50/50" in proc.err
+    (png,) = tmp_path.glob("chinese_sd_*.png")
+    png_pixels(png, (512, 512))
+    hub.requests.clear()
+    again = run_cli(["中国山水画", "--steps", "1", "--width", "64", "--height", "64"], tmp_path, hub=hub)
+    assert again.returncode == 0 and hub.requests == [], again.err
