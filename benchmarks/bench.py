@@ -33,7 +33,7 @@ GIB = 1024 ** 3
 CPU_SIZE, CPU_STEPS = 64, 4      # CPU sampling: 64x64 pixels (8x8 latents), 4 steps
 CUDA_SIZE, CUDA_STEPS = 512, 20  # CUDA sampling: 512x512 (64x64 latents)
 TARGETS = []  # (benchmark, what, value, limit, met)
-ALL = "B7,B8,B9,B1,B4,B6,B2,B3,B5"  # the run order: the newest and quickest first (a run cut short keeps them)
+ALL = "B10,B7,B8,B9,B1,B4,B6,B2,B3,B5"  # the run order: the newest and quickest first (a run cut short keeps them)
 
 
 def log(msg):
@@ -83,10 +83,11 @@ def ratio(a, b):
 
 
 def target(bench, what, value, limit, lo=None):
-    """Record a target; met when the value, as shown (2 decimals), is within it."""
+    """Record a target (limit None: only a lower bound); met when the value, as shown (2 decimals), is within it."""
     shown = round(value, 2)
-    met = shown <= limit and (lo is None or shown >= lo)
-    TARGETS.append((bench, what, value, f"{lo:.2f}–{limit:.2f}" if lo is not None else f"≤ {limit:.2f}", met))
+    met = (limit is None or shown <= limit) and (lo is None or shown >= lo)
+    text = f"≥ {lo:.2f}" if limit is None else f"{lo:.2f}–{limit:.2f}" if lo is not None else f"≤ {limit:.2f}"
+    TARGETS.append((bench, what, value, text, met))
     return met
 
 
@@ -562,6 +563,74 @@ def bench_b9(p, rounds):
 
 
 # ----------------------------------------------------------------------------------------------
+# B10, B11: the model from ModelScope (a stand-in hub on 127.0.0.1 speaking the client's protocol)
+
+
+def bench_b10_b11(p, rounds, work):
+    sys.path.insert(0, os.path.join(PACK_DIR, "tests"))
+    sys.path.insert(0, PACK_DIR)
+    from loaders import download
+    from stand_in_hub import StandInHub
+
+    folder = p["safetensors"]
+    with StandInHub({download.MODEL_ID: folder}) as hub:
+        files = sorted(download.wanted_files(hub.entries(download.MODEL_ID), "bench"))
+        log("B10 downloads")
+        dest = os.path.join(work, "download")
+
+        def fetch(name):
+            shutil.rmtree(dest, ignore_errors=True)
+            return worker("download", {"contender": name, "endpoint": hub.url, "dest": dest, "files": files})
+
+        results = rounds_of(["pack", "client"], rounds, fetch)
+        fetched = results["pack"][0]["result"]["bytes"]
+        assert fetched == results["client"][0]["result"]["bytes"]
+        # B11: the downloaded folder (with its record: sizes are checked) against the same files placed by hand
+        shutil.rmtree(dest, ignore_errors=True)
+        downloaded = download.ensure_model(os.path.join(dest, "models"))
+    by_hand = os.path.join(dest, "by_hand", download.FOLDER)
+    for d, _, names in os.walk(downloaded):
+        for n in names:
+            if n != download.RECORD:
+                target_path = os.path.join(by_hand, os.path.relpath(os.path.join(d, n), downloaded))
+                os.makedirs(os.path.dirname(target_path), exist_ok=True)
+                os.link(os.path.join(d, n), target_path)
+    log("B11 loads of a downloaded folder")
+    loads = {"downloaded": {"contender": "folder", "folder": downloaded},
+             "by_hand": {"contender": "folder", "folder": by_hand}}
+    load_results = rounds_of(list(loads), rounds, lambda name: worker("load", loads[name]))
+    shutil.rmtree(dest, ignore_errors=True)
+
+    gib = fetched / GIB
+    rows = [f"The fp16 `.safetensors` model folder ({len(files)} files the loaders read, {gib:.2f} GiB) served by "
+            "`tests/stand_in_hub.py` on 127.0.0.1 under the model's id; each round downloads it into an empty folder "
+            "(a fresh process each): the pack's `loaders.download.ensure_model` (listing checked, staging folder, "
+            "sha256 checked by the client, moved into place, record written) against the client's own "
+            "`HubApi().download_repo(..., allow_patterns=<the same files>)`.", "",
+            "| contender | wall | CPU | throughput |", "|---|---|---|---|"]
+    summary = {}
+    for name, label in (("pack", "pack: ensure_model"), ("client", "client: download_repo")):
+        wall = stats([x["result"]["wall"] for x in results[name]])
+        cpu = stats([x["result"]["cpu"] for x in results[name]])
+        summary[name] = {"wall": wall, "cpu": cpu}
+        rows.append(f"| {label} | {fmt(wall)} | {fmt(cpu)} | {gib / wall['median']:.2f} GiB/s |")
+    throughput = ratio(summary["client"]["wall"], summary["pack"]["wall"])  # same bytes: time ratio inverted
+    rows += ["", f"Throughput, pack ÷ client: **{throughput:.2f}** (CPU time, pack ÷ client: "
+                 f"{ratio(summary['pack']['cpu'], summary['client']['cpu']):.2f}).", ""]
+    target("B10", "download throughput, pack ÷ the client's download_repo", throughput, None, lo=0.9)
+    load_rows, load_summary = load_table(load_results, {"downloaded": "downloaded by the pack (record: sizes checked)",
+                                                        "by_hand": "the same files placed by hand"},
+                                         {"downloaded": fetched, "by_hand": fetched}, "by_hand")
+    rows += ["**B11**: loading the downloaded folder through the folder loader against the same files placed by "
+             f"hand (hard links; no record), {rounds} rounds, a fresh process each:", ""] + load_rows
+    load_ratio = ratio(load_summary["downloaded"]["wall"], load_summary["by_hand"]["wall"])
+    target("B11", "load of a downloaded model ÷ the same folder placed by hand, wall", load_ratio, 1.05)
+    target("B11", "load of a downloaded model ÷ the same folder placed by hand, CPU",
+           ratio(load_summary["downloaded"]["cpu"], load_summary["by_hand"]["cpu"]), 1.05)
+    return rows, {"download": summary, "load": load_summary}
+
+
+# ----------------------------------------------------------------------------------------------
 # the report
 
 
@@ -620,12 +689,12 @@ def main(argv=None):
               "B3": "B3 checkpoint loader vs folder loader", "B4": "B4 sampling speed",
               "B5": "B5 converter vs a bare torch yardstick", "B6": "B6 first image, cold",
               "B7": "B7 tokenize only", "B8": "B8 a 1,000,000-character prompt through a server",
-              "B9": "B9 fp8 UNet weights"}
+              "B9": "B9 fp8 UNet weights", "B10": "B10, B11 the model from ModelScope: download, then load"}
     runners = {"B1": lambda: bench_b1(p, args.rounds), "B2": lambda: bench_b2(p, args.rounds),
                "B3": lambda: bench_b3(p, args.rounds, work), "B4": lambda: bench_b4(p, args.rounds),
                "B5": lambda: bench_b5(p, args.rounds, work), "B6": lambda: bench_b6(p, args.rounds),
                "B7": lambda: bench_b7(p, args.rounds), "B8": lambda: bench_b8(p, min(args.rounds, 3), work),
-               "B9": lambda: bench_b9(p, args.rounds)}
+               "B9": lambda: bench_b9(p, args.rounds), "B10": lambda: bench_b10_b11(p, args.rounds, work)}
     try:
         for b in only:
             try:
@@ -681,30 +750,44 @@ def write_report(args, info, sections, cuda):
                         "512×512, peak GPU memory, fp16 vs fp32 image) were not run; the same command runs them "
                         "where `torch.cuda.is_available()`"),
            "", "## Targets", "", "| | measure | value | target | met |", "|---|---|---|---|---|"]
+    ran = {b for t, _ in sections for b in re.findall(r"B\d+", re.match(r"(?:B\d+,? )*", t).group(0))}
+    kept_rows, kept = kept_from(args.out, ran, cuda)
     for bench, what, value, limit, met in TARGETS:
         out.append(f"| {bench} | {what} | {value:.2f} | {limit} | {'yes' if met else '**no**'} |")
+    out += kept_rows
     out += ["", "## How it is measured", "", METHOD]
     for title, lines in sections:
         out += ["", f"## {title}", ""] + lines
-    if not cuda:  # a GPU machine's section written by benchmarks/cuda_check.py stays until a run here has a GPU
-        out += kept_cuda_sections(args.out)
+    out += kept
     with open(args.out, "w", encoding="utf-8", newline="\n") as f:
         f.write("\n".join(out).rstrip() + "\n")
 
 
-def kept_cuda_sections(path):
-    """The lines of the sections of an earlier report whose heading starts with '## CUDA' and that say they come
-    from cuda_check.py (the CUDA cases run on a lent GPU machine)."""
+def kept_from(path, ran, cuda):
+    """(target rows, section lines) an earlier report keeps: its benchmarks this run did not run (`--only`), each
+    section saying which run it comes from, and without a GPU here the sections that cuda_check.py wrote on a lent
+    GPU machine."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
-        return []
+        return [], []
+    run = re.search(r"^- Run: (.+?), pack at ([^\s,]+)", text, re.M)
+    origin = f"*(Kept from the report of {run.group(1)}, pack at {run.group(2)}: not run since.)*" if run else ""
+    rows = [line for line in text.splitlines() if re.match(r"\| B\d+ \|", line) and line.split("|")[1].strip() not in ran]
     kept = []
     for section in text.split("\n## ")[1:]:
-        if section.startswith("CUDA") and "cuda_check.py" in section:
-            kept += ["", "## " + section.rstrip()]
-    return kept
+        benches = re.findall(r"B\d+", re.match(r"(?:B\d+,? )*", section).group(0))
+        if section.startswith("CUDA"):
+            if not cuda and "cuda_check.py" in section:
+                kept += ["", "## " + section.rstrip()]
+        elif benches and not set(benches) & ran:
+            title, _, body = section.partition("\n")
+            body = body.strip("\n")
+            if not body.startswith("*(Kept from"):
+                body = origin + "\n\n" + body
+            kept += ["", "## " + title, ""] + body.splitlines()
+    return rows, kept
 
 
 METHOD = """\

@@ -372,7 +372,25 @@ def fp8_case(pack, args):
     return out
 
 
-CASES = {"load": load_case, "encode": encode_case, "sample": sample_case, "first_image": first_image_case,
+def download_case(pack, args):
+    """B10: the model fetched from a (stand-in) ModelScope hub by the pack (loaders.download, what the loader node
+    and the run command call) or by the client's own download_repo, for the same files."""
+    download = pack.loaders.download
+    os.environ[download.ENDPOINT_ENV] = args["endpoint"]
+    with Section() as section:
+        if args["contender"] == "pack":
+            folder = download.ensure_model(args["dest"])
+        else:
+            from modelscope_hub import HubApi
+            folder = str(HubApi(endpoint=args["endpoint"]).download_repo(
+                download.MODEL_ID, "model", local_dir=os.path.join(args["dest"], "client"),
+                allow_patterns=args["files"]))
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(folder) for f in names
+               if f != download.RECORD)
+    return {**section.result(), "bytes": size}
+
+
+CASES = {"download": download_case, "load": load_case, "encode": encode_case, "sample": sample_case, "first_image": first_image_case,
          "tokenize": tokenize_case, "fp8": fp8_case}
 
 
