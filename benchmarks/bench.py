@@ -572,22 +572,21 @@ def bench_b10_b11(p, rounds, work):
     from loaders import download
     from stand_in_hub import StandInHub
 
-    folder = p["safetensors"]
-    with StandInHub({download.MODEL_ID: folder}) as hub:
-        files = sorted(download.wanted_files(hub.entries(download.MODEL_ID), "bench"))
+    # the parent imports no torch (see main): the listing is read and the files fetched in the workers
+    with StandInHub({download.MODEL_ID: p["safetensors"]}) as hub:
         log("B10 downloads")
         dest = os.path.join(work, "download")
 
-        def fetch(name):
-            shutil.rmtree(dest, ignore_errors=True)
-            return worker("download", {"contender": name, "endpoint": hub.url, "dest": dest, "files": files})
+        def fetch(name, into=dest):
+            shutil.rmtree(into, ignore_errors=True)
+            return worker("download", {"contender": name, "endpoint": hub.url, "dest": into})
 
         results = rounds_of(["pack", "client"], rounds, fetch)
-        fetched = results["pack"][0]["result"]["bytes"]
-        assert fetched == results["client"][0]["result"]["bytes"]
+        fetched, count = results["pack"][0]["result"]["bytes"], results["pack"][0]["result"]["files"]
+        assert (fetched, count) == (results["client"][0]["result"]["bytes"], results["client"][0]["result"]["files"])
         # B11: the downloaded folder (with its record: sizes are checked) against the same files placed by hand
         shutil.rmtree(dest, ignore_errors=True)
-        downloaded = download.ensure_model(os.path.join(dest, "models"))
+        downloaded = fetch("pack", os.path.join(dest, "models"))["result"]["folder"]
     by_hand = os.path.join(dest, "by_hand", download.FOLDER)
     for d, _, names in os.walk(downloaded):
         for n in names:
@@ -602,7 +601,7 @@ def bench_b10_b11(p, rounds, work):
     shutil.rmtree(dest, ignore_errors=True)
 
     gib = fetched / GIB
-    rows = [f"The fp16 `.safetensors` model folder ({len(files)} files the loaders read, {gib:.2f} GiB) served by "
+    rows = [f"The fp16 `.safetensors` model folder ({count} files the loaders read, {gib:.2f} GiB) served by "
             "`tests/stand_in_hub.py` on 127.0.0.1 under the model's id; each round downloads it into an empty folder "
             "(a fresh process each): the pack's `loaders.download.ensure_model` (listing checked, staging folder, "
             "sha256 checked by the client, moved into place, record written) against the client's own "

@@ -377,17 +377,20 @@ def download_case(pack, args):
     and the run command call) or by the client's own download_repo, for the same files."""
     download = pack.loaders.download
     os.environ[download.ENDPOINT_ENV] = args["endpoint"]
+    if args["contender"] == "client":  # the same files the pack picks from the listing (not timed)
+        from modelscope_hub import HubApi
+        api = HubApi(endpoint=args["endpoint"])
+        files = sorted(download.wanted_files(api.legacy.list_repo_files(
+            repo_id=download.MODEL_ID, repo_type="model", revision="master", recursive=True), "listing"))
     with Section() as section:
         if args["contender"] == "pack":
             folder = download.ensure_model(args["dest"])
         else:
-            from modelscope_hub import HubApi
-            folder = str(HubApi(endpoint=args["endpoint"]).download_repo(
-                download.MODEL_ID, "model", local_dir=os.path.join(args["dest"], "client"),
-                allow_patterns=args["files"]))
-    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(folder) for f in names
-               if f != download.RECORD)
-    return {**section.result(), "bytes": size}
+            folder = str(api.download_repo(download.MODEL_ID, "model", local_dir=os.path.join(args["dest"], "client"),
+                                           allow_patterns=files))
+    names = [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names if f != download.RECORD]
+    return {**section.result(), "bytes": sum(os.path.getsize(n) for n in names), "files": len(names),
+            "folder": folder}
 
 
 CASES = {"download": download_case, "load": load_case, "encode": encode_case, "sample": sample_case, "first_image": first_image_case,
