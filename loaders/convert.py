@@ -142,7 +142,7 @@ def _read_unet(folder):
     prediction, schedule = scheduler.resolve_sampling(unet)
     family = unet_layout.family_name(unet.unet_config, unet.path)
     sample_size = unet_layout.sample_size(unet.config)
-    return unet.sd, family, unet.heads or unet_layout.default_heads(family), prediction, schedule, sample_size
+    return unet.sd, family, unet_loader.heads(unet), prediction, schedule, sample_size
 
 
 def _read_vae(folder):

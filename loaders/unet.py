@@ -29,10 +29,15 @@ FAMILIES = {"sd2.x": comfy.supported_models.SD20, "sd1.x": comfy.supported_model
 
 
 def _model_config(unet):
-    family = unet_layout.family_name(unet.unet_config, unet.path)
-    model_config = FAMILIES[family](unet.unet_config)
-    model_config.unet_config.update(unet.heads or unet_layout.default_heads(family))
-    return family, model_config
+    """ComfyUI's model config of the UNet's family and shape, with the heads its files say (else the family's)."""
+    model_config = FAMILIES[unet_layout.family_name(unet.unet_config, unet.path)](unet.unet_config)
+    model_config.unet_config.update(unet.heads or {})
+    return model_config
+
+
+def heads(unet):
+    """num_head_channels / num_heads of the UNet: its files', else what ComfyUI's model class of its family assumes."""
+    return {k: _model_config(unet).unet_config[k] for k in ("num_head_channels", "num_heads")}
 
 
 class EveryTensor:
@@ -51,7 +56,7 @@ class EveryTensor:
 def check_unet(unet):
     """Every tensor of ComfyUI's UNetModel of this shape is in the file, with its shape (built on the meta
     device: no memory, no weights)."""
-    _, model_config = _model_config(unet)
+    model_config = _model_config(unet)
     try:
         model = UNetModel(**model_config.unet_config, device="meta", operations=EveryTensor)
     except (IndexError, KeyError, TypeError, ValueError, RuntimeError, AssertionError) as e:
@@ -67,14 +72,6 @@ def check_unet(unet):
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
 
-def options_with(model_options=None, dtype=None):
-    """model_options (as comfy.sd.load_diffusion_model_state_dict takes them) with dtype as their 'dtype'."""
-    options = dict(model_options or {})
-    if dtype is not None:
-        options["dtype"] = dtype
-    return options
-
-
 def build_model(unet, prediction, settings, model_options=None, dtype=None, latent_scale=None):
     """A ModelPatcher for a UNetFile with the prediction type and schedule resolved from its files
     (scheduler.resolve_sampling), which win over ComfyUI's guess from the weights.
@@ -82,7 +79,7 @@ def build_model(unet, prediction, settings, model_options=None, dtype=None, late
     model_options as comfy.sd.load_diffusion_model_state_dict takes them: dtype (the weights' storage dtype,
     fp8 included: computed in a dtype the device supports), custom_operations, fp8_optimizations."""
     check_unet(unet)
-    options = options_with(model_options, dtype)
+    options = {**(model_options or {}), **({} if dtype is None else {"dtype": dtype})}
     check_storage(options.get("dtype"), options.get("load_device", comfy.model_management.get_torch_device()), unet.path)
     patcher = comfy_loaded(unet, options) or built_here(unet, options)
     patcher.add_object_patch("model_sampling", scheduler.model_sampling(prediction, settings))
@@ -113,7 +110,7 @@ def patcher_class():
 
 def built_here(unet, options):
     """The model of a shape ComfyUI does not detect, built as ComfyUI's loader builds the ones it does."""
-    _, model_config = _model_config(unet)
+    model_config = _model_config(unet)
     mm = comfy.model_management
     load_device = options.get("load_device", mm.get_torch_device())
     offload_device = options.get("offload_device", mm.unet_offload_device())

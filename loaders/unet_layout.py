@@ -179,8 +179,3 @@ def sample_size(config):
     sizes = config.integers("sample_size", lo=1, hi=1024, max_items=2) if isinstance(raw, list) else \
         [config.integer("sample_size", default=64, lo=1, hi=1024)]
     return max(sizes)
-
-
-def default_heads(family):
-    """What ComfyUI's SD1.x/SD2.x model classes assume when nothing says otherwise."""
-    return {"num_head_channels": 64, "num_heads": -1} if family == "sd2.x" else {"num_heads": 8, "num_head_channels": -1}
