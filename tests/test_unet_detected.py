@@ -10,6 +10,7 @@ guess from the weights (the spread of output_blocks.11.1.transformer_blocks.0.no
 seen to win. A variant whose config.json gives heads ComfyUI would not assume is built by the pack itself, with
 ComfyUI's current patcher class, as are the tiny test models."""
 
+import importlib.util
 import json
 import os
 
@@ -187,3 +188,66 @@ def test_a_latent_scale_other_than_the_familys_is_an_object_patch(folders):
     assert patcher.model.latent_format.scale_factor == 0.18215  # the model's own, until ComfyUI patches it in
     same = unet_loader.load_unet(os.path.join(folders["v_guessed_eps"], "unet"), latent_scale=0.18215)
     assert "latent_format" not in same.object_patches
+
+
+SD21_CONFIG = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                   block_out_channels=(320, 640, 1280, 1280),
+                   down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=1024,
+                   attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, norm_num_groups=32)
+
+
+@pytest.fixture(scope="module")
+def full_size(tmp_path_factory):
+    """A full-size SD 2.1 UNet (865 M parameters, random fp16 weights) in the ModelScope layout, with an
+    epsilon scheduler config (as the real model's) and a norm bias spread that makes ComfyUI guess v-prediction."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in UNet2DConditionModel(**SD21_CONFIG).state_dict().items()}
+    gen = torch.Generator().manual_seed(21)
+    sd = {k: torch.randn(shape, generator=gen, dtype=torch.float16) * (0.2 if k == GUESS_KEY else 0.02)
+          for k, shape in shapes.items()}
+    folder = tmp_path_factory.mktemp("sd21")
+    (folder / "unet").mkdir()
+    save_file(sd, folder / "unet" / "diffusion_pytorch_model.safetensors")
+    (folder / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", **SD21_CONFIG}),
+                                                 encoding="utf-8")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "DDIMScheduler", "prediction_type": "epsilon", **BETAS}), encoding="utf-8")
+    return folder
+
+
+def test_full_size_sd21_is_comfyuis_own_loaders_model_but_for_model_sampling(full_size, monkeypatch):
+    """The real model's shape: the pack's MODEL is what ComfyUI's own loader makes of the same diffusers file
+    (patcher class, model class, config, weights), except model_sampling, which is the scheduler config's. On a
+    host with dynamic VRAM (ComfyUI 0.33) it is switched on as ComfyUI's main.py does on NVIDIA GPUs (its patcher
+    class then reroutes a CPU load to the plain ModelPatcher, as for ComfyUI's own models)."""
+    import comfy.model_patcher
+    import comfy.model_sampling
+    import comfy.ops
+    import comfy.sd
+    from safetensors.torch import load_file
+    if importlib.util.find_spec("comfy.memory_management") is not None:
+        import comfy.memory_management
+        monkeypatch.setattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcherDynamic)
+        monkeypatch.setattr(comfy.memory_management, "aimdo_enabled", True)
+        assert comfy.ops.disable_weight_init.Linear(4, 4).weight is None  # ComfyUI's layers come without weights
+    calls = count_comfy_loads(monkeypatch)
+    ours = unet_loader.load_unet(os.path.join(full_size, "unet"), dtype=torch.float16)
+    assert calls == [1]
+    stock = comfy.sd.load_diffusion_model_state_dict(
+        load_file(os.path.join(full_size, "unet", "diffusion_pytorch_model.safetensors")),
+        model_options={"dtype": torch.float16})
+    assert type(ours) is type(stock) and type(ours.model) is type(stock.model)
+    assert type(ours.model.model_config) is type(stock.model.model_config)
+    assert ours.model.model_config.unet_config == stock.model.model_config.unet_config
+    assert ours.model.model_config.unet_config["channel_mult"] == [1, 2, 4, 4]
+    assert isinstance(stock.get_model_object("model_sampling"), comfy.model_sampling.V_PREDICTION)  # its guess
+    sampling = ours.get_model_object("model_sampling")
+    assert isinstance(sampling, comfy.model_sampling.EPS) and not isinstance(sampling, comfy.model_sampling.V_PREDICTION)
+    assert set(ours.object_patches) == {"model_sampling"} and not stock.object_patches
+    ours_sd, stock_sd = ours.model.diffusion_model.state_dict(), stock.model.diffusion_model.state_dict()
+    assert len(ours_sd) == len(stock_sd) == 686
+    assert all(ours_sd[k].dtype == torch.float16 and torch.equal(ours_sd[k], stock_sd[k]) for k in stock_sd)
