@@ -97,9 +97,15 @@ def comfy_loaded(unet, options):
     """ComfyUI's own loader's model, for a shape comfy.model_detection knows with the attention heads the
     files say; None for other shapes."""
     detected = comfy.model_detection.model_config_from_unet(unet.sd, "")
-    if detected is None or any(detected.unet_config.get(k) != v for k, v in (unet.heads or {}).items()):
+    if detected is None or head_widths(detected.unet_config) != head_widths(_model_config(unet).unet_config):
         return None
     return comfy.sd.load_diffusion_model_state_dict(dict(unet.sd), model_options=options)
+
+
+def head_widths(unet_config):
+    """The attention head width of each block (8 heads of 320 channels and 40-channel heads are one UNet)."""
+    count, width = unet_config["num_heads"], unet_config["num_head_channels"]
+    return [c // count if count > 0 else width for c in unet_layout.block_widths(unet_config)]
 
 
 def patcher_class():

@@ -22,19 +22,22 @@ from conftest import pack
 TOLERANCE = 1e-5
 BETAS = {"beta_schedule": "scaled_linear", "beta_start": 0.001, "beta_end": 0.016, "num_train_timesteps": 1000}
 GUESS_KEY = "up_blocks.3.attentions.2.transformer_blocks.0.norm1.bias"  # ComfyUI's output_blocks.11.1...norm1.bias
-VARIANTS = {  # name: (prediction in scheduler_config.json, attention_head_dim, ComfyUI's guess from the weights)
-    "v_guessed_eps": ("v_prediction", 5, "eps"),
-    "eps_guessed_v": ("epsilon", 5, "v_prediction"),
-    "eps_odd_heads": ("epsilon", 8, "eps"),  # 8 heads of 40 channels: ComfyUI's SD20 assumes 64-channel heads
+VARIANTS = {  # name: (prediction in scheduler_config.json, attention_head_dim, ComfyUI's guess from the weights,
+    #                cross-attention width: 1024 SD2.x family with linear projections, 768 SD1.x with convolutions)
+    "v_guessed_eps": ("v_prediction", 5, "eps", 1024),
+    "eps_guessed_v": ("epsilon", 5, "v_prediction", 1024),
+    "eps_odd_heads": ("epsilon", 8, "eps", 1024),  # 8 heads of 40 channels: ComfyUI's SD20 assumes 64-channel heads
+    "sd1_v_guessed_eps": ("v_prediction", 8, "eps", 768),  # ComfyUI's SD15: 8 heads (of 40 channels here)
 }
 unet_loader = pack.loaders.unet
 
 
-def unet_config(heads):
+def unet_config(heads, context):
     return dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320,) * 4,
                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=1024,
-                attention_head_dim=heads, use_linear_projection=True, upcast_attention=True, norm_num_groups=32)
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=context,
+                attention_head_dim=heads, use_linear_projection=context == 1024, upcast_attention=context == 1024,
+                norm_num_groups=32)
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +45,9 @@ def folders(tmp_path_factory):
     """{variant: model folder with unet/ and scheduler/}, written by diffusers itself."""
     from diffusers import UNet2DConditionModel
     out = {}
-    for name, (prediction, heads, guess) in VARIANTS.items():
+    for name, (prediction, heads, guess, context) in VARIANTS.items():
         torch.manual_seed(len(out))
-        model = UNet2DConditionModel(**unet_config(heads)).eval()
+        model = UNet2DConditionModel(**unet_config(heads, context)).eval()
         with torch.no_grad():
             bias = dict(model.named_parameters())[GUESS_KEY]
             bias.normal_(0, 0.2 if guess == "v_prediction" else 0.0)
@@ -88,7 +91,7 @@ def test_comfyui_detects_the_shape(folders):
     assert detected.unet_config["channel_mult"] == [1, 1, 1, 1]  # read from the weights, not the table's
 
 
-@pytest.mark.parametrize("name", ["v_guessed_eps", "eps_guessed_v"])
+@pytest.mark.parametrize("name", ["v_guessed_eps", "eps_guessed_v", "sd1_v_guessed_eps"])
 def test_a_detected_shape_is_comfyuis_own_model_but_for_model_sampling(folders, name, monkeypatch):
     import comfy.model_patcher
     import comfy.sd
@@ -98,7 +101,7 @@ def test_a_detected_shape_is_comfyuis_own_model_but_for_model_sampling(folders, 
 
     has_core = hasattr(comfy.model_patcher, "CoreModelPatcher")  # ComfyUI 0.33 has it, 0.3.52 does not
     monkeypatch.setattr(comfy.model_patcher, "CoreModelPatcher", Current, raising=False)
-    prediction, _, guess = VARIANTS[name]
+    prediction, _, guess, _ = VARIANTS[name]
     calls = count_comfy_loads(monkeypatch)
     ours = unet_loader.load_unet(os.path.join(folders[name], "unet"), dtype=torch.float32)
     assert calls == [1]  # loaded by ComfyUI's own loader
@@ -149,13 +152,13 @@ def test_model_sampling_is_the_scheduler_configs(folders, name):
 def test_output_matches_diffusers(folders, name, record_parity):
     from diffusers import UNet2DConditionModel
     patcher = unet_loader.load_unet(os.path.join(folders[name], "unet"), dtype=torch.float32)
-    heads = VARIANTS[name][1]
-    assert patcher.model.model_config.unet_config["num_head_channels"] == 320 // heads
+    _, heads, _, context_dim = VARIANTS[name]
+    assert pack.loaders.unet.head_widths(patcher.model.model_config.unet_config) == [320 // heads] * 4
     reference = UNet2DConditionModel.from_pretrained(os.path.join(folders[name], "unet"),
                                                      torch_dtype=torch.float32).eval()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 8, 8, generator=gen)
-    context = torch.randn(1, 52, 1024, generator=gen)
+    context = torch.randn(1, 52, context_dim, generator=gen)
     worst = 0.0
     for t in (999.0, 1.0):
         timesteps = torch.full((1,), t)
