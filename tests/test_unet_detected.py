@@ -254,3 +254,31 @@ def test_full_size_sd21_is_comfyuis_own_loaders_model_but_for_model_sampling(ful
     ours_sd, stock_sd = ours.model.diffusion_model.state_dict(), stock.model.diffusion_model.state_dict()
     assert len(ours_sd) == len(stock_sd) == 686
     assert all(ours_sd[k].dtype == torch.float16 and torch.equal(ours_sd[k], stock_sd[k]) for k in stock_sd)
+
+
+@pytest.mark.parametrize("name,sampling", [("v_guessed_eps", "v_prediction"), ("eps_guessed_v", "eps")])
+def test_sampling_equals_comfyuis_own_loader_with_its_model_sampling_node(folders, tmp_path, name, sampling):
+    """With Stable Diffusion's betas (what ComfyUI's ModelSamplingDiscrete node uses), the pack's MODEL samples
+    exactly what ComfyUI's own loader followed by that node samples: the same latents, bit for bit."""
+    import comfy.sd
+    import nodes as comfy_nodes
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+    prediction = VARIANTS[name][0]
+    config = tmp_path / "scheduler_config.json"
+    config.write_text(json.dumps({"prediction_type": prediction, "beta_schedule": "scaled_linear",
+                                  "beta_start": 0.00085, "beta_end": 0.012}), encoding="utf-8")
+    ours = unet_loader.load_unet(os.path.join(folders[name], "unet"), dtype=torch.float32, scheduler_config=str(config))
+    ldm = pack.loaders.unet_file.read_unet_file(os.path.join(folders[name], "unet")).sd
+    stock = comfy.sd.load_diffusion_model_state_dict(ldm, model_options={"dtype": torch.float32})
+    (stock,) = ModelSamplingDiscrete().patch(stock, sampling, False)
+    gen = torch.Generator().manual_seed(3)
+    positive = [[torch.randn(1, 52, 1024, generator=gen), {}]]
+    negative = [[torch.randn(1, 52, 1024, generator=gen), {}]]
+    latents = []
+    for model in (ours, stock):
+        latent = comfy_nodes.EmptyLatentImage().generate(64, 64, 1)[0]
+        with torch.inference_mode():
+            out = comfy_nodes.common_ksampler(model, 7, 3, 7.5, "euler", "simple", positive, negative, latent)[0]
+        latents.append(out["samples"])
+    assert latents[0].shape == (1, 4, 8, 8) and latents[0].isfinite().all() and latents[0].abs().max() > 0.1
+    assert torch.equal(latents[0], latents[1])
