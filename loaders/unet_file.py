@@ -38,7 +38,7 @@ def ldm_unet(sd, path):
     except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
         raise ModelLoadError(path, f"an incomplete UNet (no {e})", "a complete UNet") from None
     if unet_config.get("adm_in_channels") or unet_config.get("context_dim") is None:
-        raise ModelLoadError(path, "an LDM UNet with class embeddings or without cross-attention",
+        raise ModelLoadError(path, "a UNet with class embeddings or without cross-attention",
                              "a text-conditioned SD1.x/SD2.x-style UNet")
     return sd, unet_config
 
