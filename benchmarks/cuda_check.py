@@ -93,7 +93,7 @@ def case_build(args):
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     from comfy.text_encoders.bert import BertModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-    metadata, recipe, unet_layout = pack.loaders.metadata, pack.loaders.recipe, pack.loaders.unet_layout
+    metadata, recipe, scheduler = pack.loaders.metadata, pack.loaders.recipe, pack.loaders.scheduler
     unet_args, text = (TINY_UNET, TINY_TEXT) if args["tiny"] else (SD21_UNET, TEXT)
     out = args["work"]
     with torch.device("meta"):
@@ -103,7 +103,7 @@ def case_build(args):
         clip = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_H))
     parts = {"unet": random_state(unet, 1), "vae": random_state(vae, 2), "text": random_state(bert, 3)}
     meta = {**metadata.common("checkpoint", "cuda_check (random weights)", "fp16"),
-            **metadata.unet_entries("sd2.x", "epsilon", unet_layout.SD_SCHEDULER,
+            **metadata.unet_entries("sd2.x", "epsilon", scheduler.SD_SCHEDULER,
                                     {"num_head_channels": 64, "num_heads": -1}, 512, 0.18215),
             **metadata.text_entries(text, recipe.MODELSCOPE, None)}
     prefixes = {"unet": metadata.UNET_PREFIX, "vae": metadata.VAE_PREFIX, "text": metadata.TEXT_PREFIX}

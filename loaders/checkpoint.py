@@ -2,7 +2,7 @@
 
 import os
 
-from . import chinese_clip, metadata, text_tower, unet, unet_layout
+from . import chinese_clip, metadata, scheduler, text_tower, unet, unet_file, unet_layout
 from .metadata import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from .errors import ModelLoadError
 from .vae import build_vae
@@ -33,14 +33,14 @@ def load_checkpoint(path, prediction="auto", unet_dtype=None, clip_dtype=None, c
     # One part at a time, the largest first: each part's tensors are read (views of the mapped file), handed
     # to its ComfyUI object, which copies them into its own weights, and let go before the next part is read,
     # so the file's pages of one part at most are held besides the objects built.
-    unet_sd, unet_config = unet_layout.ldm_unet(only_tensors(_read_part(path, UNET_PREFIX), path), path)
+    unet_sd, unet_config = unet_file.ldm_unet(only_tensors(_read_part(path, UNET_PREFIX), path), path)
     unet_layout.check_heads(unet_meta["heads"], unet_config, path, metadata.P + "unet_heads")
-    unet_file = unet_layout.UNetFile(unet_sd, unet_config, unet_meta["heads"], path, unet_meta, None)
+    unet_part = unet_file.UNetFile(unet_sd, unet_config, unet_meta["heads"], path, unet_meta, None)
     del unet_sd
-    prediction, settings = unet_layout.resolve_sampling(unet_file, None, prediction)
-    model = unet.build_model(unet_file, prediction, settings, unet_options, dtype=unet_dtype,
+    prediction, settings = scheduler.resolve_sampling(unet_part, None, prediction)
+    model = unet.build_model(unet_part, prediction, settings, unet_options, dtype=unet_dtype,
                              latent_scale=unet_meta["latent_scale"])
-    del unet_file
+    del unet_part
 
     tower = text_tower.tower_from(_read_part(path, TEXT_PREFIX), text_meta, path)
     clip = chinese_clip.build_clip(tower, dtype=clip_dtype, device=clip_device, embedding_directory=embedding_directory)

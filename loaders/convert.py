@@ -136,13 +136,13 @@ def _without_overlaps(sd):
 
 
 def _read_unet(folder):
-    from . import unet as unet_loader, unet_layout
-    unet = unet_layout.read_unet_file(os.path.join(folder, "unet"))
+    from . import scheduler, unet as unet_loader, unet_file, unet_layout
+    unet = unet_file.read_unet_file(os.path.join(folder, "unet"))
     unet_loader.check_unet(unet)  # the same completeness check the loaders make
-    prediction, schedule = unet_layout.resolve_sampling(unet)
+    prediction, schedule = scheduler.resolve_sampling(unet)
     family = unet_layout.family_name(unet.unet_config, unet.path)
     sample_size = unet_layout.sample_size(unet.config)
-    return unet.sd, family, unet.heads or unet_layout.default_heads(family), prediction, schedule, sample_size
+    return unet.sd, family, unet_loader.heads(unet), prediction, schedule, sample_size
 
 
 def _read_vae(folder):

@@ -78,7 +78,7 @@ def build_demo(path, comfyui):
     from comfy.ldm.models.autoencoder import AutoencoderKL
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     from comfy.text_encoders.bert import BertModel
-    from loaders import metadata, text_tower, unet_layout
+    from loaders import metadata, scheduler, text_tower
 
     with torch.device("meta"):
         parts = {
@@ -94,7 +94,7 @@ def build_demo(path, comfyui):
             tensors[prefix + key] = random_tensor(key, meta_tensor.shape, gen).to(torch.float16)
     meta = {
         **metadata.common("checkpoint", "chinese_sd_demo (random weights)", "fp16"),
-        **metadata.unet_entries("sd2.x", "epsilon", unet_layout.SD_SCHEDULER,
+        **metadata.unet_entries("sd2.x", "epsilon", scheduler.SD_SCHEDULER,
                                 {"num_head_channels": 64, "num_heads": -1}, 512, 0.18215),
         **metadata.text_entries(DEMO_TEXT, text_tower.MODELSCOPE, None),  # None: the vocabulary shipped with the pack
     }

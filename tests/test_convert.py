@@ -93,8 +93,8 @@ def test_weights_are_the_folders_rounded_to_the_dtype(converted, model_folders, 
     converted_te = loaders.text_tower.read_text_encoder(paths["text_encoder"])
     assert converted_te.sd.keys() == te.sd.keys()
     assert all(torch.equal(converted_te.sd[k], te.sd[k].to(DTYPES[dtype])) for k in te.sd)
-    unet = loaders.unet_layout.read_unet_file(os.path.join(model_folders["csd_eps_safetensors"], "unet"))
-    converted_unet = loaders.unet_layout.read_unet_file(paths["unet"])
+    unet = loaders.unet_file.read_unet_file(os.path.join(model_folders["csd_eps_safetensors"], "unet"))
+    converted_unet = loaders.unet_file.read_unet_file(paths["unet"])
     assert converted_unet.unet_config == unet.unet_config
     assert all(torch.equal(converted_unet.sd[k], unet.sd[k].to(DTYPES[dtype])) for k in unet.sd)
 

@@ -23,7 +23,7 @@ if HAS_DYNAMIC_VRAM:
         assert comfy.ops.disable_weight_init.Linear(4, 4).weight is None
 
     def test_the_unet_check_lists_every_tensor_with_dynamic_vram(dynamic_vram, model_folders):
-        unet = pack.loaders.unet_layout.read_unet_file(os.path.join(model_folders["csd_eps_safetensors"], "unet"))
+        unet = pack.loaders.unet_file.read_unet_file(os.path.join(model_folders["csd_eps_safetensors"], "unet"))
         pack.loaders.unet.check_unet(unet)  # a complete UNet passes
         missing = next(k for k in unet.sd if k.endswith(".weight") and "emb_layers" in k)
         del unet.sd[missing]

@@ -181,10 +181,13 @@ def test_malformed_converter_metadata(tmp_path, model_folders, update, phrase):
 def test_incomplete_or_misshapen_unet(tmp_path, model_folders):
     sd = weights.read_state_dict(os.path.join(model_folders["csd_eps_safetensors"], "unet",
                                               "diffusion_pytorch_model.safetensors"))
-    for key in ("conv_out.weight", "down_blocks.0.resnets.0.conv2.weight", "down_blocks.0.attentions.0.proj_in.weight"):
+    # named in ComfyUI's layout, which the loader reads diffusers files into
+    for key, phrase in (("conv_out.weight", "'out.2.weight'"),
+                        ("down_blocks.0.resnets.0.conv2.weight", "'input_blocks.1.0.out_layers.3.weight'"),
+                        ("down_blocks.0.attentions.0.proj_in.weight", "'input_blocks.1.1.proj_in.weight'")):
         path = tmp_path / f"without_{key}.safetensors"
         save_file({k: v for k, v in sd.items() if k != key}, path)
-        expect_error(lambda: unet.load_unet(str(path)), path, "an incomplete diffusers UNet")
+        expect_error(lambda: unet.load_unet(str(path)), path, phrase, "expected a complete UNet")
     path = tmp_path / "misshapen.safetensors"
     save_file({**sd, "time_embedding.linear_2.bias": torch.zeros(7)}, path)
     expect_error(lambda: unet.load_unet(str(path)), path, "time_embed.2.bias", "of shape (7,)")
@@ -259,7 +262,7 @@ def test_vocab_that_is_not_utf8(tmp_path, model_folders):
 
 
 def test_incomplete_ldm_unet(tmp_path, model_folders):
-    ldm = pack.loaders.unet_layout.read_unet_file(os.path.join(model_folders["csd_eps_safetensors"], "unet")).sd
+    ldm = pack.loaders.unet_file.read_unet_file(os.path.join(model_folders["csd_eps_safetensors"], "unet")).sd
     cases = {"no_output_blocks": {k: v for k, v in ldm.items() if not k.startswith("output_blocks.")},
              "no_mid_block": {k: v for k, v in ldm.items() if not k.startswith("middle_block.")},
              "half": dict(list(ldm.items())[: len(ldm) // 2])}

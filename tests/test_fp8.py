@@ -37,7 +37,7 @@ def test_the_weights_are_stored_in_the_chosen_dtype(model_folders, weight_dtype,
     assert weights and {p.dtype for p in weights} == {stored}
     assert model.model_config.optimizations.get("fp8", False) == (weight_dtype == "fp8_e4m3fn_fast")
     # the prediction type resolved from the scheduler config still wins over ComfyUI's guess
-    assert model.model_type == pack.loaders.unet.MODEL_TYPES["epsilon"]
+    assert type(patcher.get_model_object("model_sampling")) is pack.loaders.scheduler.EpsilonSampling
 
 
 def test_custom_operations_reach_the_model(model_folders):

@@ -12,7 +12,7 @@ from conftest import pack
 chinese_clip = pack.loaders.chinese_clip
 text_tower = pack.loaders.text_tower
 unet = pack.loaders.unet
-unet_layout = pack.loaders.unet_layout
+unet_file = pack.loaders.unet_file
 FOLDER = "csd_eps_safetensors"
 PROMPTS = ["中国山水画", "一只猫 a cat", ""]
 
@@ -75,7 +75,7 @@ def test_unet_weight_dtype_option(model_folders):
 def test_ldm_layout_unet_file_without_metadata(tmp_path, model_folders, prefix):
     """A UNet in ComfyUI's own (LDM) key layout, bare or under a checkpoint's prefix, loads like the folder."""
     from safetensors.torch import save_file
-    folder_unet = unet_layout.read_unet_file(os.path.join(model_folders[FOLDER], "unet"))
+    folder_unet = unet_file.read_unet_file(os.path.join(model_folders[FOLDER], "unet"))
     path = tmp_path / "ldm_unet.safetensors"
     save_file({prefix + k: v.contiguous() for k, v in folder_unet.sd.items()}, path)
     scheduler = os.path.join(model_folders[FOLDER], "scheduler", "scheduler_config.json")
@@ -101,8 +101,8 @@ def test_renamed_files_in_a_shared_folder_ignore_the_configs_beside_them(tmp_pat
                                                     encoding="utf-8")
     tower = text_tower.read_text_encoder(str(tmp_path / "mine.safetensors"))
     assert torch.equal(encode_all(chinese_clip.build_clip(tower, dtype=torch.float32)), folder_cond)
-    unet_file = unet_layout.read_unet_file(str(tmp_path / "my_unet.safetensors"))
-    assert unet_file.heads is None and unet_file.scheduler_config is None
+    lone = unet_file.read_unet_file(str(tmp_path / "my_unet.safetensors"))
+    assert lone.heads is None and lone.scheduler_config is None
 
 
 def test_one_shard_stands_for_its_set(tmp_path, model_folders, folder_cond):
