@@ -158,15 +158,14 @@ def converted(model_folders, tmp_path_factory):
     return convert
 
 
-# Markers (registered in pyproject.toml), given here from what each test needs so that no module can forget them:
-#   server   starts a real ComfyUI (a fixture named *server, or the run command, which starts its own)
+# Markers (registered in pyproject.toml). Each test module declares its own (`pytestmark = ...`, or on a test),
+# so a renamed file keeps them; two follow from the others here, so that no test can forget them:
+#   server   starts a real ComfyUI: declared (the run command starts its own), a fixture named *server or comfy,
+#            or a browser test
 #   browser  drives Debian's chromium against a real ComfyUI
 #   fuzz     hypothesis-generated hostile input
-#   slow     any of these, or a module of long model runs; `bash tests/run.sh -m "not slow"` is the quick subset
-RUNS_COMFYUI = {"test_run_command"}
-BROWSER = {"test_browser"}
-FUZZ = {"test_hostile_files", "test_hostile_prompts", "test_download"}
-SLOW = {"test_end_to_end_parity", "test_convert", "test_sd1_family", "test_text_sources", "test_bench_memory"}
+#   slow     declared (long model runs), or any of the above; `bash tests/run.sh -m "not slow"` is the quick subset
+IMPLY_SLOW = {"server", "browser", "fuzz"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -180,15 +179,11 @@ def pytest_collection_modifyitems(config, items):
             config.hook.pytest_deselected(items=once)
             items[:] = [item for item in items if "product_env" not in item.fixturenames]
     for item in items:
-        module = item.module.__name__.rpartition(".")[2]
+        declared = {m.name for m in item.iter_markers()}
         marks = set()
-        if module in BROWSER or "in_the_browser" in item.name:
-            marks.add("browser")
-        if module in RUNS_COMFYUI or "browser" in marks or any(n.endswith("server") or n == "comfy" for n in item.fixturenames):
+        if "browser" in declared or any(n.endswith("server") or n == "comfy" for n in item.fixturenames):
             marks.add("server")
-        if module in FUZZ:
-            marks.add("fuzz")
-        if marks or module in SLOW:
+        if (declared | marks) & IMPLY_SLOW:
             marks.add("slow")
-        for mark in sorted(marks):
+        for mark in sorted(marks - declared):
             item.add_marker(mark)

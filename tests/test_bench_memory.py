@@ -13,6 +13,8 @@ from safetensors.torch import load_file, save_file
 import comfy.sd
 from conftest import PACK_DIR, pack
 
+pytestmark = pytest.mark.slow  # the marks of this module (registered in pyproject.toml)
+
 loaders = pack.loaders
 PREFIXES = (loaders.metadata.UNET_PREFIX, loaders.metadata.TEXT_PREFIX, loaders.metadata.VAE_PREFIX)
 

@@ -29,6 +29,8 @@ from comfy_server import pack_warnings
 from conftest import PACK_DIR, place
 from tiny_models import tiny_controlnet, tiny_lora
 
+pytestmark = pytest.mark.browser  # the marks of this module (registered in pyproject.toml)
+
 CHROMIUM = os.environ.get("CNSD_CHROMIUM", "/usr/bin/chromium")
 # as the machine's probe starts it: no sandbox (root), no GPU, nothing reaching out to the network
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",

@@ -20,6 +20,8 @@ import comfy.utils
 from conftest import COMFYUI_PATH, PACK_DIR, pack
 from tiny_models import VARIANTS
 
+pytestmark = pytest.mark.slow  # the marks of this module (registered in pyproject.toml)
+
 loaders = pack.loaders
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROMPTS = ["中国山水画", "一只猫 a cat", ""]

@@ -17,6 +17,8 @@ from comfy_server import ComfyServer, ComfySocket
 from conftest import COMFYUI_PATH, pack
 from stand_in_hub import StandInHub, folder_listing
 
+pytestmark = pytest.mark.fuzz  # the marks of this module (registered in pyproject.toml)
+
 download = pack.loaders.download
 ModelLoadError = pack.loaders.errors.ModelLoadError
 find_model_folders = pack.loaders.folders.find_model_folders
@@ -313,6 +315,7 @@ def loader_progress(messages):
             if m.get("type") == "progress" and m["data"].get("node") == "1"]
 
 
+@pytest.mark.browser
 def test_in_the_browser_the_txt2img_template_runs_on_a_fresh_install_showing_the_download(download_server, hub):
     """A user's first run: Templates → the pack's txt2img → Run. The loader node shows the download (ComfyUI's
     progress events for that node, in bytes, and its text), then the picture appears; the model folder is then

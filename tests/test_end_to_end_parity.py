@@ -11,6 +11,8 @@ from comfy_graph import folder_models, txt2img
 from reference import reference_encode
 from tiny_models import VARIANTS
 
+pytestmark = pytest.mark.slow  # the marks of this module (registered in pyproject.toml)
+
 TOLERANCE = 1e-4
 SEED, CFG = 1234, 7.5
 STEPS = 10  # divides 1000: then ComfyUI's "simple" timesteps are exactly diffusers' "trailing" ones

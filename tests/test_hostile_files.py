@@ -18,6 +18,8 @@ from fuzz import (STATS, changed_keys, dumps, expect_loaded_or_refused, fuzz_set
                   same_outputs, whole_files)
 from tiny_models import FUZZ_VARIANT, save_pretrained, write_tokenizer_transformers5
 
+pytestmark = pytest.mark.fuzz  # the marks of this module (registered in pyproject.toml)
+
 loaders = pack.loaders
 ModelLoadError = loaders.ModelLoadError
 PROMPT = "中国山水画，远山 a cat"

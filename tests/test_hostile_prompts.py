@@ -18,6 +18,8 @@ from fuzz import STATS, any_text, fuzz_settings, time_limit
 from reference import REFERENCE_LENGTH, for_cn_clip, hf_tokenizer
 from tiny_models import FUZZ_TEXT_CONFIG, FUZZ_VARIANT
 
+pytestmark = pytest.mark.fuzz  # the marks of this module (registered in pyproject.toml)
+
 chinese_clip = pack.loaders.chinese_clip
 PromptError = pack.loaders.errors.PromptError
 MODES = chinese_clip.LONG_PROMPT_MODES

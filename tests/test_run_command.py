@@ -22,6 +22,8 @@ from conftest import CACHE_DIR, COMFYUI_PATH, NODE_IDS
 from loaders import download  # noqa: E402  (comfy_server put the pack's folder on sys.path)
 from runner import bootstrap, cli  # noqa: E402
 
+pytestmark = pytest.mark.server  # the marks of this module (registered in pyproject.toml)
+
 PYTHON = shutil.which("python3") or sys.executable  # the machine's Python, not the test bed's environment
 PROMPT = "中国山水画，远山，云雾"
 # 200 characters: four windows' worth of tokens for a 50-token window

@@ -13,6 +13,8 @@ from comfy_graph import folder_models, txt2img
 from conftest import pack
 from tiny_models import SD1_MAX_LENGTH, SD1_VARIANT, write_tokenizer_transformers5
 
+pytestmark = pytest.mark.slow  # the marks of this module (registered in pyproject.toml)
+
 loaders = pack.loaders
 SEED, STEPS, CFG = 99, 10, 7.5
 WIDTH, HEIGHT = 64, 48

@@ -11,6 +11,8 @@ from conftest import pack
 from reference import REFERENCE_LENGTH, reference_encode
 from tiny_models import TEXT_CONFIG, save_pretrained, write_tokenizer_transformers5
 
+pytestmark = pytest.mark.slow  # the marks of this module (registered in pyproject.toml)
+
 chinese_clip = pack.loaders.chinese_clip
 Values = pack.loaders.values.Values
 text_tower = pack.loaders.text_tower
