@@ -437,3 +437,45 @@ def test_two_prompts_share_one_download_and_a_broken_hub_leaves_the_server_servi
     assert [history[p]["status"]["status_str"] for p in (first, second)] == ["success", "success"]
     paths = [p for p, _ in hub.file_requests()]
     assert sorted(paths) == sorted(set(paths)) and paths  # one download
+
+
+def test_a_server_killed_mid_download_lists_nothing_half_made_and_the_next_server_resumes(model_hub, hub,
+                                                                                            tmp_path_factory):
+    work = tmp_path_factory.mktemp("killed_comfy")
+    diffusers = work / "models" / "diffusers"
+    diffusers.mkdir(parents=True)
+
+    def server():
+        return ComfyServer(COMFYUI_PATH, str(work), {}, default_paths={"diffusers": str(diffusers)},
+                           env={download.ENDPOINT_ENV: model_hub.url})
+
+    def staged():
+        return sum(f.stat().st_size for f in (diffusers / download.STAGING).rglob("*") if f.is_file())
+
+    hub.rate = 2 * 1024 ** 2
+    with server() as srv:
+        status, body = srv.post_json("/prompt", {"prompt": txt2img(8)})
+        assert status == 200, body
+        deadline = time.time() + 120
+        while staged() < 2 * 1024 ** 2:  # well into the download
+            assert time.time() < deadline and srv.proc.poll() is None, srv.log_tail()
+            time.sleep(0.2)
+        srv.proc.kill()  # no goodbye: as a crash or a closed terminal ends it
+        srv.proc.wait()
+    kept = staged()
+    assert kept >= 2 * 1024 ** 2 and not (diffusers / download.FOLDER).exists()
+
+    hub.rate = None
+    hub.requests.clear()
+    with server() as srv:  # a new server on the same folders
+        options = srv.get_json("/object_info/ChineseSD_ModelScopeLoader")["ChineseSD_ModelScopeLoader"]["input"][
+            "required"]["model_folder"][1]["options"]
+        assert options == [download.FOLDER]  # the staging folder is never listed
+        entry, messages, _ = run(srv, txt2img(9))
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        assert len(srv.output_images(entry)) == 1
+    node_text = [m["data"]["text"] for _, m in messages if m.get("type") == "text" and m["data"].get("node") == "1"]
+    assert any(", resuming after " in t for t in node_text), node_text
+    assert any(rng for _, rng in hub.file_requests())  # resumed where the killed one stopped
+    assert download.read_record(str(diffusers / download.FOLDER))["repo"] == download.MODEL_ID
+    assert not (diffusers / download.STAGING / download.FOLDER).exists()
