@@ -163,9 +163,9 @@ def converted(model_folders, tmp_path_factory):
 #   browser  drives Debian's chromium against a real ComfyUI
 #   fuzz     hypothesis-generated hostile input
 #   slow     any of these, or a module of long model runs; `bash tests/run.sh -m "not slow"` is the quick subset
-RUNS_COMFYUI = {"test_run_command"}
+RUNS_COMFYUI = {"test_run_command", "test_batch"}
 BROWSER = {"test_browser"}
-FUZZ = {"test_hostile_files", "test_hostile_prompts", "test_download"}
+FUZZ = {"test_hostile_files", "test_hostile_prompts", "test_download", "test_prompts_file"}
 SLOW = {"test_end_to_end_parity", "test_convert", "test_sd1_family", "test_text_sources", "test_bench_memory"}
 
 
