@@ -5,7 +5,8 @@
     .jsonl  one JSON object a line (blank lines and # lines skipped)
 
 The columns (keys) are the command's own options: prompt, negative, seed, steps, cfg, width, height, sampler,
-scheduler, long_prompt, out (runner.options.COLUMNS); an empty cell or null means the command's own value.
+scheduler, long_prompt, out (runner.options.COLUMNS); an empty cell or null means the command's own value (in
+JSON, "negative": "" is no negative prompt).
 UTF-8 with or without a BOM. A file in another encoding is one error naming the first line that is not UTF-8
 (never read as mojibake); a bad row is one error naming its line, and the other rows stay good.
 """
@@ -125,7 +126,7 @@ def check(values):
     out = {}
     for key, value in values.items():
         if value is None or value == "" and key != "negative":
-            continue  # not set: the command's own value
+            continue  # not set: the command's own value (a JSON "negative": "" is none)
         try:
             out[key] = COLUMNS[key](value)
         except BadValue as e:
@@ -198,7 +199,7 @@ def read_csv(text):
             bad.append(BadRow(number, line_no, f"{len(record)} values for {len(header)} columns"))
             continue
         try:
-            rows.append(Row(number, line_no, check(dict(zip(header, record)))))
+            rows.append(Row(number, line_no, check({k: v for k, v in zip(header, record) if v != ""})))
         except BadValue as e:
             bad.append(BadRow(number, line_no, str(e)))
     if header is None:

@@ -47,7 +47,7 @@ def test_csv_columns_are_the_commands_options_and_bad_rows_name_their_lines(tmp_
     assert rows[0].values == {"prompt": "山水", "negative": "模糊", "seed": 7, "steps": 2, "cfg": 5.5, "width": 64,
                               "height": 48, "sampler": "euler", "scheduler": "simple", "long_prompt": "chunk",
                               "out": "a.png"}
-    assert rows[1].values == {"prompt": "两行的\n提示", "negative": ""}  # an empty negative is a value: none
+    assert rows[1].values == {"prompt": "两行的\n提示"}  # empty cells: the command's values
     assert [str(b) for b in bad] == [
         "line 5: seed: 'x' is not a whole number",
         "line 6: width: 100 is not a multiple of 8 (the VAE works in 8-pixel blocks)",
@@ -70,7 +70,7 @@ def test_csv_header_problems_are_one_error_for_the_file(tmp_path):
 
 
 def test_jsonl_keys_are_the_options_numbers_as_numbers_or_text(tmp_path):
-    lines = ['{"prompt": "山水", "seed": 3, "cfg": 7, "width": 64.0, "height": "48", "long_prompt": "chunk"}',
+    lines = ['{"prompt": "山水", "seed": 3, "cfg": 7, "width": 64.0, "height": "48", "long_prompt": "chunk", "negative": ""}',
              '{"prompt": "猫", "seed": null, "colour": "red"}',
              '[1, 2]',
              '{"prompt": "狗", "steps": true}',
@@ -82,7 +82,7 @@ def test_jsonl_keys_are_the_options_numbers_as_numbers_or_text(tmp_path):
              '{"prompt": "羊", "out": "../x.png"}']
     rows, bad = read(tmp_path, "p.jsonl", "\n".join(lines) + "\n")
     assert [(r.line, r.values) for r in rows] == [
-        (1, {"prompt": "山水", "seed": 3, "cfg": 7.0, "width": 64, "height": 48, "long_prompt": "chunk"})]
+        (1, {"prompt": "山水", "seed": 3, "cfg": 7.0, "width": 64, "height": 48, "long_prompt": "chunk", "negative": ""})]
     assert [str(b) for b in bad] == [
         "line 2: unknown key 'colour' (the keys are the command's options: prompt, negative, seed, steps, cfg, width, "
         "height, sampler, scheduler, long_prompt, out)",
