@@ -199,7 +199,8 @@ def read_csv(text):
             bad.append(BadRow(number, line_no, f"{len(record)} values for {len(header)} columns"))
             continue
         try:
-            rows.append(Row(number, line_no, check({k: v for k, v in zip(header, record) if v != ""})))
+            given = {k: v for k, v in zip(header, record) if v != "" or k == "prompt"}  # empty: the command's
+            rows.append(Row(number, line_no, check(given)))
         except BadValue as e:
             bad.append(BadRow(number, line_no, str(e)))
     if header is None:

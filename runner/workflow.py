@@ -2,6 +2,7 @@
 of it that goes into the PNG (so that dropping the picture on ComfyUI opens its graph), and what the encode
 node says about long prompts. Standard library only."""
 
+import functools
 import json
 import os
 
@@ -25,10 +26,16 @@ def settings(args):
     return {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
 
 
-def load_workflow(name, ui=False):
+@functools.lru_cache(maxsize=None)
+def _workflow_text(name, ui):
     folder = os.path.join(PACK_DIR, "workflows", *(() if ui else ("api",)))
     with open(os.path.join(folder, name + ".json"), encoding="utf-8") as f:
-        return json.load(f)
+        return f.read()
+
+
+def load_workflow(name, ui=False):
+    """A shipped workflow (API form; ui: the UI form), a fresh copy each time (read once: a batch builds many)."""
+    return json.loads(_workflow_text(name, ui))
 
 
 def build_prompt(args, kind, model_name, seed):

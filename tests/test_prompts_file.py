@@ -192,3 +192,35 @@ def test_hostile_files_give_rows_or_line_numbered_errors_never_a_crash(case, tmp
     numbers = sorted([r.number for r in rows] + [b.number for b in bad])
     assert numbers == list(range(1, len(numbers) + 1))  # every row counted once, in order
     STATS["prompts file"]["rows" if rows else "only bad rows"] += 1
+
+
+@fuzz_settings(12)
+@given(case=hostile_files)
+def test_the_command_given_a_hostile_file_says_one_error_line_on_a_gbk_console_never_a_traceback(case,
+                                                                                                tmp_path_factory):
+    """Through the command itself (its first stage reads the file before anything else): a file it can't read is
+    its one error line; a file it can read reaches the server check (here: no server answers)."""
+    import os
+    import subprocess
+    import sys
+
+    from comfy_server import free_port
+    from conftest import COMFYUI_PATH
+
+    ext, data = case
+    folder = tmp_path_factory.mktemp("hostile_cmd")
+    path = folder / f"p{ext}"
+    path.write_bytes(data)
+    url = f"http://127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if k not in ("COMFYUI_CHINESE_SD_RUN_COMFYUI", "COMFYUI_PATH")}
+    env["PYTHONIOENCODING"] = "gbk"
+    proc = subprocess.run([sys.executable, os.path.join(PACK_DIR, "run.py"), "--prompts", str(path), "--server", url,
+                           "--comfyui", COMFYUI_PATH, "--python", sys.executable, "--out", str(folder / "out")],
+                          cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    err = proc.stderr.decode("gbk", errors="strict")  # what a Chinese Windows console shows, without a crash
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: --prompts {path}: ") or last.startswith(f"error: --server {url}: no ComfyUI "
+                                                                           "answers there"), err
+    assert not os.path.exists(folder / "out")
+    STATS["prompts file, through the command"]["file refused" if "--prompts" in last else "read"] += 1
