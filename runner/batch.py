@@ -290,13 +290,16 @@ class Worker(threading.Thread):
         self.alive, self.lost = True, None
 
     def run(self):
+        ws = None
         try:
-            with Follower(self.server, connect_timeout=self.connect_timeout) as ws:
-                self.loop(ws)
+            ws = Follower(self.server, connect_timeout=self.connect_timeout)
+            self.loop(ws)
         except Exception as e:  # noqa: BLE001  (whatever it was, the server is lost to the batch; rows go on)
             self.lost = self.why(e)
         finally:
-            self.batch.worker_ended(self)
+            self.batch.worker_ended(self)  # its rows go on first: closing a socket to a frozen server takes time
+            if ws is not None:
+                ws.close()
 
     def why(self, e):
         if isinstance(e, (Lost, ServerDied)):
@@ -477,17 +480,19 @@ class Batch:
     def run(self):
         """Make every job; Ctrl+C (KeyboardInterrupt) cancels this batch's prompts on the servers and re-raises."""
         from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         self.bar = show(tqdm(total=len(self.jobs), desc="Rows", unit="row", file=sys.stderr,
                              ascii=ascii_only(sys.stderr), leave=True, smoothing=0.1,
                              bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} rows{postfix} "
                                         "[{elapsed}<{remaining}]"))
         try:
-            for worker in self.workers:
-                worker.start()
-            with self.cond:
-                while self.left > 0:
-                    self.cond.wait(0.5)
+            with logging_redirect_tqdm(loggers=[log]):  # error lines above the bar, not through it
+                for worker in self.workers:
+                    worker.start()
+                with self.cond:
+                    while self.left > 0:
+                        self.cond.wait(0.5)
             for worker in self.workers:
                 worker.join(5)
         except KeyboardInterrupt:

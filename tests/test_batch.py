@@ -362,3 +362,44 @@ def test_without_server_the_command_starts_its_own_comfyui_once_for_the_whole_ba
     assert again.returncode == 0, again.err
     assert "made 0, skipped 3 (already made with the same settings), failed 0" in again.out
     assert "Starting ComfyUI" not in again.err  # nothing to make: no server started
+
+
+def test_a_server_that_stops_answering_mid_batch_has_its_rows_made_by_the_other(two_servers, models_root,
+                                                                                 tmp_path_factory, tmp_path):
+    """A server frozen (SIGSTOP) mid-batch: its socket stays open and says nothing, its HTTP does not answer; the
+    client finds out and its rows go to the other server."""
+    a = two_servers[0]
+    frozen = new_server(models_root, tmp_path_factory, "server_frozen")
+    rows = [{"prompt": f"水墨，第{i}幅", "seed": 200 + i, "steps": 12} for i in range(1, 9)]
+    prompts, out = tmp_path / "rows.csv", tmp_path / "out"
+    write_csv(prompts, rows)
+    log = tmp_path / "run.out"
+    try:
+        frozen.wait_ready()
+        tmp = tmp_path / "tmp"
+        tmp.mkdir()
+        with open(log, "wb") as f:
+            proc = subprocess.Popen([PYTHON, os.path.join(PACK_DIR, "run.py"),
+                                     *command((frozen, a), "--prompts", str(prompts), "--out", str(out))],
+                                    cwd=tmp_path, env=cli_env(tmp), stdout=f, stderr=subprocess.STDOUT)
+            try:
+                deadline = time.time() + 300
+                while not [h for h in history(frozen).values() if h.get("status", {}).get("completed")]:
+                    assert proc.poll() is None and time.time() < deadline, log.read_text(encoding="utf-8")
+                    time.sleep(0.2)
+                os.kill(frozen.proc.pid, signal.SIGSTOP)
+                assert proc.wait(timeout=600) == 0, log.read_text(encoding="utf-8")
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    finally:
+        os.kill(frozen.proc.pid, signal.SIGCONT)
+        frozen.stop()
+    text = log.read_text(encoding="utf-8")
+    assert re.search(rf"{re.escape(frozen.url)}: it stopped answering \(.*\); its rows go to the other servers",
+                     text), text
+    assert "made 8, skipped 0 (already made with the same settings), failed 0" in text and "Traceback" not in text
+    assert sorted(pictures(out)) == [f"{i:05d}_seed{200 + i}.png" for i in range(1, 9)]
+    for i, row in enumerate(rows, 1):
+        check_picture(out / f"{i:05d}_seed{200 + i}.png", row)
