@@ -4,7 +4,8 @@ Two stages. The first runs in whatever Python the user typed (standard library o
 and the model path, then finds the environment (--comfyui: the user's ComfyUI and its Python; otherwise this
 command's own, set up by runner.bootstrap) and runs this command again with that environment's Python. The
 second stage checks the sampler and scheduler in that environment, starts ComfyUI (runner.process), queues the
-shipped API workflow and follows it (runner.client).
+shipped API workflow and follows it (runner.client). With --prompts it makes a picture per row of a file
+(runner.prompts_file) on the command's own ComfyUI, started once, or with --server on running ones (runner.batch).
 """
 
 import argparse
