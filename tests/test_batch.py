@@ -403,3 +403,46 @@ def test_a_server_that_stops_answering_mid_batch_has_its_rows_made_by_the_other(
     assert sorted(pictures(out)) == [f"{i:05d}_seed{200 + i}.png" for i in range(1, 9)]
     for i, row in enumerate(rows, 1):
         check_picture(out / f"{i:05d}_seed{200 + i}.png", row)
+
+
+def test_a_server_without_the_pack_is_one_clear_error_and_gets_no_prompt(tmp_path):
+    """A ComfyUI without this pack (a stand-in answering /object_info with stock nodes only): the command says so in
+    one line and sends it nothing but that question."""
+    import http.server
+    import threading
+
+    asked = []
+
+    class Stock(http.server.BaseHTTPRequestHandler):
+        def answer(self):
+            asked.append((self.command, self.path))
+            body = json.dumps({"KSampler": {"input": {"required": {"sampler_name": [["euler"], {}],
+                                                                   "scheduler": [["simple"], {}]}}}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = answer
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stock)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        prompts = tmp_path / "p.txt"
+        prompts.write_text("中国山水画\n", encoding="utf-8")
+        proc = run_cli(["--comfyui", COMFYUI_PATH, "--python", sys.executable, "--prompts", str(prompts), "--server",
+                        url + "/"], tmp_path)
+        assert proc.returncode == 1 and proc.out == "" and "Traceback" not in proc.err
+        assert proc.err.strip().splitlines()[-1] == (
+            f"error: --server {url}/: does not have the Chinese Stable Diffusion pack (no ChineseSD_ModelScopeLoader, "
+            "ChineseSD_CheckpointLoader, ChineseSD_CLIPTextEncode in its /object_info): install the pack there and "
+            "restart that ComfyUI")
+        assert asked == [("GET", "/object_info")]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
