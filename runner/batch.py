@@ -260,17 +260,6 @@ def write_whole(path, data):
             os.remove(tmp)
 
 
-def drop_older(job):
-    """Remove the pictures an earlier version of this row left under the batch's names (another seed)."""
-    folder = os.path.dirname(job.out)
-    with contextlib.suppress(OSError):
-        for name in os.listdir(folder):
-            m = NAME.match(name)
-            path = os.path.join(folder, name)
-            if m and int(m.group(1)) == job.number and path != job.out:
-                os.remove(path)
-
-
 # ----------------------------------------------------------------------------------------------
 # making them
 
@@ -391,8 +380,7 @@ class Worker(threading.Thread):
                     status, why = "failed", "ComfyUI returned something that is not a PNG"
                 else:
                     try:
-                        write_whole(job.out, png)
-                        drop_older(job)
+                        write_whole(job.out, png)  # an older picture of the row under another seed stays
                     except OSError as e:
                         status, why = "failed", f"cannot write {job.out}: {e.strerror or e}"
         with self.batch.cond:
