@@ -4,6 +4,7 @@
     python3 run.py "中国山水画，远山，云雾" [--model FOLDER_OR_CHECKPOINT] [--out picture.png] [...]
     python3 run.py "中国山水画" --comfyui path/to/ComfyUI         (your ComfyUI and its Python; nothing installed)
     python3 run.py --serve [--model FOLDER_OR_CHECKPOINT] [--comfyui path/to/ComfyUI]
+    python3 run.py --prompts prompts.csv --out pictures [--server http://host:8188 ...]   (a picture per row)
 
 Without --comfyui the first run sets up an environment of its own (Python alone: venv + pip; torch and an
 unmodified ComfyUI, in ~/.cache/comfyui-chinese-sd or %LOCALAPPDATA%\\comfyui-chinese-sd). `--help` lists the

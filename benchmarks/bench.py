@@ -33,7 +33,8 @@ GIB = 1024 ** 3
 CPU_SIZE, CPU_STEPS = 64, 4      # CPU sampling: 64x64 pixels (8x8 latents), 4 steps
 CUDA_SIZE, CUDA_STEPS = 512, 20  # CUDA sampling: 512x512 (64x64 latents)
 TARGETS = []  # (benchmark, what, value, limit, met)
-ALL = "B10,B7,B8,B9,B1,B4,B6,B2,B3,B5"  # the run order: the newest and quickest first (a run cut short keeps them)
+ALL = "B12,B13,B10,B7,B8,B9,B1,B4,B6,B2,B3,B5"  # the run order: the newest and quickest first (a run cut short keeps them)
+NO_MODELS = {"B12", "B13"}  # these use the test bed's tiny model: no full-size models built for them alone
 
 
 def log(msg):
@@ -630,6 +631,197 @@ def bench_b10_b11(p, rounds, work):
 
 
 # ----------------------------------------------------------------------------------------------
+# B12, B13: the run command's batch (--prompts) with the tiny test model
+
+
+def tiny_model(p, work):
+    """The test bed's tiny ModelScope-layout model (tests/tiny_models.py, built once into $CNSD_TEST_CACHE or the
+    benchmarks' cache), under the name the runs use, in a models/diffusers folder of its own."""
+    cache = os.environ.get("CNSD_TEST_CACHE") or os.path.join(os.path.dirname(p["root"]), "tiny")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import tiny_models; "
+            "print(tiny_models.build_all(sys.argv[2])['csd_eps_safetensors'])")
+    folder = subprocess.run([PY, "-c", code, os.path.join(PACK_DIR, "tests"), cache], env=env(), check=True,
+                            stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
+    root = os.path.join(work, "batch_models")
+    os.makedirs(root, exist_ok=True)
+    link = os.path.join(root, "tiny")
+    if not os.path.lexists(link):
+        os.symlink(folder, link, target_is_directory=True)
+    return root, link
+
+
+def run_command(args, cwd):
+    """python3 run.py ARGS with the test bed's ComfyUI and Python (no bootstrap); wall seconds."""
+    cmd = [PY, os.path.join(PACK_DIR, "run.py"), "--comfyui", COMFYUI_PATH, "--python", PY, *args]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          encoding="utf-8", errors="replace")
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"run.py {' '.join(args[:4])} ... failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return wall
+
+
+B12_PROMPTS = 20
+B12_SIZE = ["--steps", "1", "--width", "64", "--height", "64"]
+
+
+def bench_b12(p, rounds, work):
+    """20 prompts as one batch (one ComfyUI started) against 20 single runs (one started each), wall time."""
+    _, model = tiny_model(p, work)
+    rounds = min(rounds, 2)  # a round is 21 starts of ComfyUI
+    folder = os.path.join(work, "b12")
+    os.makedirs(folder, exist_ok=True)
+    prompts = os.path.join(folder, "prompts.txt")
+
+    def run_one(name, r):
+        out = os.path.join(folder, f"out_{name}_{r}")
+        shutil.rmtree(out, ignore_errors=True)
+        seeds = [1000 * r + i for i in range(B12_PROMPTS)]
+        if name == "batch":
+            with open(prompts, "w", encoding="utf-8") as f:
+                f.write("\n".join(f"中国山水画，第{s}幅" for s in seeds) + "\n")
+            wall = run_command(["--prompts", prompts, "--model", model, "--seed", str(r), "--out", out, *B12_SIZE],
+                               folder)
+        else:
+            os.makedirs(out)
+            wall = sum(run_command([f"中国山水画，第{s}幅", "--model", model, "--seed", str(r), "--out",
+                                    os.path.join(out, f"{s}.png"), *B12_SIZE], folder) for s in seeds)
+        made = len([n for n in os.listdir(out) if n.endswith(".png")])
+        if made != B12_PROMPTS:
+            raise RuntimeError(f"B12 {name}: {made} pictures for {B12_PROMPTS} prompts")
+        shutil.rmtree(out, ignore_errors=True)
+        return wall
+
+    log("B12 one batch of 20 prompts vs 20 single runs")
+    run_command(["中国山水画", "--model", model, "--seed", "0", "--out", os.path.join(folder, "warm.png"), *B12_SIZE],
+                folder)  # warm-up: page cache, compiled modules
+    results = {"batch": [], "single": []}
+    for r in range(1, rounds + 1):
+        for name in (("single", "batch") if r % 2 else ("batch", "single")):
+            log(f"B12 round {r}: {name}")
+            results[name].append(run_one(name, r))
+    s = {name: stats(v) for name, v in results.items()}
+    value = ratio(s["batch"], s["single"])
+    lines = [f"{B12_PROMPTS} prompts with the test bed's tiny model ({' '.join(B12_SIZE)}, CPU): the run command once "
+             f"with `--prompts` (a .txt of {B12_PROMPTS} lines: one ComfyUI started for all) against {B12_PROMPTS} "
+             f"runs of the command with one prompt each (a ComfyUI started for each); whole commands, wall time, "
+             f"{rounds} rounds after a warm-up run.", "",
+             "| contender | wall for 20 pictures | per picture |", "|---|---|---|",
+             f"| one batch (`--prompts`) | {fmt(s['batch'])} | {s['batch']['median'] / B12_PROMPTS:.2f} s |",
+             f"| 20 single runs | {fmt(s['single'])} | {s['single']['median'] / B12_PROMPTS:.2f} s |", "",
+             f"One batch ÷ 20 single runs: **{value:.2f}**. A single run's "
+             f"{s['single']['median'] / B12_PROMPTS:.1f} s is mostly the start (Python, ComfyUI's imports, the pack, "
+             "the server, loading the model); the batch pays it once, then makes a picture about every "
+             f"{(s['batch']['median'] - s['single']['median'] / B12_PROMPTS) / (B12_PROMPTS - 1):.1f} s."]
+    target("B12", "20 prompts, one batch ÷ 20 single runs, wall", value, 0.5)
+    return lines, {"results": results}
+
+
+B13_ROWS, B13_FEW, B13_STEPS = 12, 2, 2
+
+
+def straight(server_url, workflows, out):
+    """The yardstick: every prompt POSTed straight to /prompt at once, each picture fetched when its history says
+    it is done (polled every 20 ms) and written; wall seconds."""
+    import urllib.parse
+    import urllib.request
+    import uuid
+
+    def call(path, data=None):
+        req = urllib.request.Request(server_url + path, data=None if data is None else json.dumps(data).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:  # noqa: S310 (127.0.0.1)
+            return r.read()
+
+    t = time.perf_counter()
+    client = uuid.uuid4().hex
+    ids = [json.loads(call("/prompt", {"prompt": w, "client_id": client}))["prompt_id"] for w in workflows]
+    os.makedirs(out, exist_ok=True)
+    for n, prompt_id in enumerate(ids):
+        while True:
+            entry = json.loads(call(f"/history/{prompt_id}")).get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                break
+            time.sleep(0.02)
+        image = entry["outputs"]["7"]["images"][0]
+        png = call("/view?" + urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")}))
+        with open(os.path.join(out, f"{n}.png"), "wb") as f:
+            f.write(png)
+    return time.perf_counter() - t
+
+
+def bench_b13(p, rounds, work):
+    """The batch client's own cost per row against posting the same prompts straight to /prompt, on one server:
+    the slope between a batch of 20 rows and one of 2 (each contender's fixed costs cancel)."""
+    sys.path.insert(0, os.path.join(PACK_DIR, "tests"))
+    sys.path.insert(0, PACK_DIR)
+    import argparse
+
+    from comfy_server import ComfyServer
+    from runner.workflow import build_prompt
+
+    root, _ = tiny_model(p, work)
+    folder = os.path.join(work, "b13")
+    os.makedirs(os.path.join(folder, "server"), exist_ok=True)
+    size = ["--steps", str(B13_STEPS), "--width", "64", "--height", "64"]
+
+    def rows(n, base):
+        return [f"中国山水画，第{base + i}幅" for i in range(n)]
+
+    log("B13 the batch client's overhead per row vs prompts posted straight to /prompt")
+    with ComfyServer(COMFYUI_PATH, os.path.join(folder, "server"), {"diffusers": root}) as server:
+        def run_one(name, n, base):
+            out = os.path.join(folder, f"out_{name}_{n}_{base}")
+            shutil.rmtree(out, ignore_errors=True)
+            texts = rows(n, base)  # new prompts each time: nothing is served from ComfyUI's cache
+            if name == "client":
+                prompts = os.path.join(folder, "prompts.txt")
+                with open(prompts, "w", encoding="utf-8") as f:
+                    f.write("\n".join(texts) + "\n")
+                wall = run_command(["--prompts", prompts, "--server", server.url, "--model", "tiny", "--seed", "1",
+                                    "--out", out, *size], folder)
+            else:
+                ns = argparse.Namespace(negative=None, model="tiny", dtype="default", steps=B13_STEPS, width=64,
+                                        height=64, cfg=7.5, sampler="euler", scheduler="simple", long_prompt="truncate")
+                workflows = []
+                for text in texts:
+                    ns.prompt = text
+                    workflows.append(build_prompt(ns, "folder", "tiny", 1))
+                wall = straight(server.url, workflows, out)
+            made = len([x for x in os.listdir(out) if x.endswith(".png")])
+            shutil.rmtree(out, ignore_errors=True)
+            if made != n:
+                raise RuntimeError(f"B13 {name}: {made} pictures for {n} prompts")
+            return wall
+
+        counter = iter(range(10 ** 6))
+        results = rounds_of(["client", "straight"], rounds, lambda name: {
+            n: run_one(name, n, 1000 * next(counter)) for n in (B13_FEW, B13_ROWS)})
+    per_row = {name: stats([(x[B13_ROWS] - x[B13_FEW]) / (B13_ROWS - B13_FEW) for x in runs])
+               for name, runs in results.items()}
+    whole = {name: {n: stats([x[n] for x in runs]) for n in (B13_FEW, B13_ROWS)} for name, runs in results.items()}
+    value = ratio(per_row["client"], per_row["straight"])
+    lines = [f"One ComfyUI server (CPU) with the tiny test model, pictures of 64×64 in {B13_STEPS} steps. The run "
+             f"command with `--prompts` and `--server` (a whole command: start, the server's check, each row queued "
+             "one ahead and followed over the websocket, each PNG fetched and written whole) against a yardstick that "
+             "POSTs the same prompts straight to `/prompt` all at once, polls `/history` every 20 ms and fetches each "
+             f"PNG. Each contender makes {B13_FEW} and {B13_ROWS} pictures (new prompts every time, so nothing comes "
+             f"from ComfyUI's cache); the cost per row is the slope, (t({B13_ROWS}) − t({B13_FEW})) ÷ "
+             f"{B13_ROWS - B13_FEW}, so that each contender's fixed costs (the command's start, Python, the check) "
+             f"cancel. {rounds} rounds after a warm-up.", "",
+             f"| contender | {B13_FEW} rows | {B13_ROWS} rows | per row |", "|---|---|---|---|"]
+    for name, label in (("client", "run command, `--prompts --server`"), ("straight", "straight to `/prompt`")):
+        lines.append(f"| {label} | {fmt(whole[name][B13_FEW])} | {fmt(whole[name][B13_ROWS])} | "
+                     f"{fmt(per_row[name], 's', 3)} |")
+    fixed = whole["client"][B13_FEW]["median"] - whole["straight"][B13_FEW]["median"]
+    lines += ["", f"Per row, client ÷ straight: **{value:.3f}**. The command's fixed cost (start, imports, the "
+              f"server's check) is about {fixed:.1f} s over the yardstick's for the whole batch."]
+    target("B13", "batch client's time per row ÷ prompts posted straight to /prompt, wall", value, 1.05)
+    return lines, {"per_row": per_row, "whole": whole}
+
+
+# ----------------------------------------------------------------------------------------------
 # the report
 
 
@@ -674,9 +866,14 @@ def main(argv=None):
     started = time.time()
     # Built (or found) by a process of its own, and this one imports no torch: a child's peak RSS (ru_maxrss)
     # counts the memory of the process it was forked from, so this one must stay small.
-    built = subprocess.run([PY, os.path.join(HERE, "build.py")], env=env(), check=True, stdout=subprocess.PIPE,
-                           text=True, encoding="utf-8").stdout
-    p = json.loads(built[built.rindex("{\n"):])  # build.py ends with its paths as JSON
+    if set(only) - NO_MODELS:
+        built = subprocess.run([PY, os.path.join(HERE, "build.py")], env=env(), check=True, stdout=subprocess.PIPE,
+                               text=True, encoding="utf-8").stdout
+        p = json.loads(built[built.rindex("{\n"):])  # build.py ends with its paths as JSON
+    else:  # only benchmarks of the tiny model: the full-size models are not needed (asked of build.py, which
+        # imports torch: not in this process)
+        p = json.loads(subprocess.run([PY, "-c", "import build, json; print(json.dumps(build.paths()))"], cwd=HERE,
+                                      env=env(), check=True, stdout=subprocess.PIPE, text=True).stdout)
     work = os.path.join(p["root"], "work")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
@@ -688,12 +885,15 @@ def main(argv=None):
               "B3": "B3 checkpoint loader vs folder loader", "B4": "B4 sampling speed",
               "B5": "B5 converter vs a bare torch yardstick", "B6": "B6 first image, cold",
               "B7": "B7 tokenize only", "B8": "B8 a 1,000,000-character prompt through a server",
-              "B9": "B9 fp8 UNet weights", "B10": "B10, B11 the model from ModelScope: download, then load"}
+              "B9": "B9 fp8 UNet weights", "B10": "B10, B11 the model from ModelScope: download, then load",
+              "B12": "B12 many prompts: one batch vs single runs",
+              "B13": "B13 the batch client's overhead per row"}
     runners = {"B1": lambda: bench_b1(p, args.rounds), "B2": lambda: bench_b2(p, args.rounds),
                "B3": lambda: bench_b3(p, args.rounds, work), "B4": lambda: bench_b4(p, args.rounds),
                "B5": lambda: bench_b5(p, args.rounds, work), "B6": lambda: bench_b6(p, args.rounds),
                "B7": lambda: bench_b7(p, args.rounds), "B8": lambda: bench_b8(p, min(args.rounds, 3), work),
-               "B9": lambda: bench_b9(p, args.rounds), "B10": lambda: bench_b10_b11(p, args.rounds, work)}
+               "B9": lambda: bench_b9(p, args.rounds), "B10": lambda: bench_b10_b11(p, args.rounds, work),
+               "B12": lambda: bench_b12(p, args.rounds, work), "B13": lambda: bench_b13(p, args.rounds, work)}
     try:
         for b in only:
             try:

@@ -5,10 +5,16 @@
     process    ComfyUI's main.py as a child process (the one supervisor; the test bed builds on it too)
     client     the one websocket follower of a ComfyUI server
     demo       the demo model (random weights, built once)
-    cli        the command line: a picture, or --serve
+    workflow   the shipped txt2img workflow filled with one picture's settings (and its UI form for the PNG)
+    options    the per-picture options' checks, shared by the command line and the prompts file
+    prompts_file  a batch's prompts file (.txt, .csv, .jsonl) read into rows and line-numbered errors
+    batch      a batch of rows on one or several ComfyUI servers (queueing, resuming, lost servers, Ctrl+C)
+    console    the command's output lines above its one progress bar
+    cli        the command line: a picture, a batch (--prompts, --server), or --serve
 
-Nothing here imports ComfyUI, torch or the pack's nodes at import time; bootstrap, comfyui and filelock
-need only the standard library (they run in whatever Python the user typed run.py with).
+Nothing here imports ComfyUI, torch or the pack's nodes at import time; bootstrap, comfyui, filelock, options,
+prompts_file, workflow and console need only the standard library (they run in whatever Python the user typed
+run.py with).
 """
 
 

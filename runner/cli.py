@@ -4,7 +4,8 @@ Two stages. The first runs in whatever Python the user typed (standard library o
 and the model path, then finds the environment (--comfyui: the user's ComfyUI and its Python; otherwise this
 command's own, set up by runner.bootstrap) and runs this command again with that environment's Python. The
 second stage checks the sampler and scheduler in that environment, starts ComfyUI (runner.process), queues the
-shipped API workflow and follows it (runner.client).
+shipped API workflow and follows it (runner.client). With --prompts it makes a picture per row of a file
+(runner.prompts_file) on the command's own ComfyUI, started once, or with --server on running ones (runner.batch).
 """
 
 import argparse
@@ -23,25 +24,18 @@ import urllib.parse
 
 from loaders import download
 
-from . import RunError, bootstrap
+from . import RunError, bootstrap, options
 from .comfyui import OLDEST, PACK_DIR, check_comfyui, find_python, installed_pack, private_custom_nodes
+from .console import ascii_only, say, show, utf8_console
+from .options import LONG_PROMPT, MAX_RESOLUTION, MAX_SEED  # noqa: F401  (the command's names)
+from .workflow import (DECODE, DEMO, DEMO_DEFAULTS, ENCODED_EVENT, LATENT, LOADER, LOADER_INPUT,  # noqa: F401
+                       MODEL_DEFAULTS, NEGATIVE, POSITIVE, PROMPT_NAMES, SAMPLER, SAVE, WORKFLOWS, build_prompt,
+                       load_workflow, settings, token_line, ui_workflow)
 
 log = logging.getLogger("chinese_sd.run")
 
 STAGE_ENV = "COMFYUI_CHINESE_SD_RUN_COMFYUI"  # set for the second stage: the ComfyUI folder to run
-WORKFLOWS = {"folder": "chinese_sd_txt2img", "checkpoint": "chinese_sd_checkpoint_txt2img"}
-# node ids in the shipped txt2img API workflows (both loaders' workflows use the same ids)
-LOADER, POSITIVE, NEGATIVE, LATENT, SAMPLER, DECODE, SAVE = "1", "2", "3", "4", "5", "6", "7"
-LOADER_INPUT = {"folder": ("ChineseSD_ModelScopeLoader", "model_folder"),
-                "checkpoint": ("ChineseSD_CheckpointLoader", "ckpt_name")}
 DTYPES = ("default", "fp32", "fp16", "bf16")
-LONG_PROMPT = ("truncate", "chunk")
-MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
-MAX_SEED = 2 ** 64 - 1
-MODEL_DEFAULTS = {"steps": 50, "width": 512, "height": 512}  # the model card's
-DEMO_DEFAULTS = {"steps": 4, "width": 128, "height": 128}  # quick: the demo's pictures are noise anyway
-
-
 class Stopped(KeyboardInterrupt):
     """SIGINT or SIGTERM: stop the server and clean up."""
 
@@ -50,47 +44,25 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
-_bar = None  # the progress bar while one is shown: say() prints above it
-
-
-def say(text):
-    """The command's output for the user (stdout): what is made, with which settings, where it went."""
-    if _bar is not None:
-        _bar.write(text, file=sys.stdout)
-    else:
-        sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
 # ----------------------------------------------------------------------------------------------
 # command line
 
 
+def _checked(check):
+    """An argparse type from one of runner.options' checks (shared with the prompts file's columns)."""
+    def convert(text):
+        try:
+            return check(text)
+        except options.BadValue as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return convert
+
+
+_size, _cfg = _checked(options.size), _checked(options.guidance)
+
+
 def _int_in(text, lo, hi):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not lo <= value <= hi:
-        raise argparse.ArgumentTypeError(f"{value} is outside {lo}..{hi}")
-    return value
-
-
-def _size(text):
-    value = _int_in(text, 16, MAX_RESOLUTION)
-    if value % 8:
-        raise argparse.ArgumentTypeError(f"{value} is not a multiple of 8 (the VAE works in 8-pixel blocks)")
-    return value
-
-
-def _cfg(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 100.0:
-        raise argparse.ArgumentTypeError(f"{value} is outside 0..100")
-    return value
+    return _checked(lambda t: options.whole_number(t, lo, hi))(text)
 
 
 class Parser(argparse.ArgumentParser):
@@ -144,8 +116,23 @@ def build_parser():
                              "52-token windows")
     parser.add_argument("--out", metavar="FILE.png|FOLDER",
                         help="where to write the picture: a .png file name, or a folder (it gets chinese_sd_<seed>.png; "
-                             "default: that name in the current folder)")
+                             "default: that name in the current folder); with --prompts the folder for the pictures "
+                             "(default: the prompts file's name without its extension, in the current folder)")
     parser.add_argument("--verbose", action="store_true", help="show ComfyUI's own log")
+    many = parser.add_argument_group("many prompts, many servers")
+    many.add_argument("--prompts", metavar="FILE",
+                      help="a picture per row of FILE instead of one prompt: .txt (a prompt a line; blank lines and "
+                           "# comments skipped), .csv (a header row) or .jsonl, whose columns or keys are this "
+                           "command's options: prompt, negative, seed, steps, cfg, width, height, sampler, scheduler, "
+                           "long_prompt, out (a row's own .png name); empty means the command's value. UTF-8. The "
+                           "pictures are NNNNN_seedS.png (row number, seed) in --out; run the command again to make "
+                           "only what is missing or changed")
+    many.add_argument("--server", metavar="URL", action="append", dest="servers",
+                      help="a running ComfyUI with this pack (e.g. http://192.168.1.20:8188) to make the pictures "
+                           "instead of starting one; repeat it for several: each row goes to whichever is free, and "
+                           "a server that stops answering has its rows made by the others. --model is then a model "
+                           "name as that ComfyUI's loaders list it (default: the ModelScope model, which that "
+                           "ComfyUI downloads if it must)")
     where = parser.add_argument_group("where it runs")
     where.add_argument("--comfyui", metavar="PATH",
                        help=f"your ComfyUI folder ({OLDEST} or newer): run there with its "
@@ -172,24 +159,21 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.setup_only:
         return args
-    if args.serve and args.prompt is not None:
+    if args.serve and (args.prompt is not None or args.prompts):
         parser.error("--serve takes no prompt (type it in the UI)")
-    if not args.serve and not args.prompt:
+    if args.serve and args.servers:
+        parser.error("--serve starts a server; --server uses running ones: one or the other")
+    if args.prompt is not None and args.prompts:
+        parser.error("give a prompt or --prompts FILE, not both")
+    if not args.serve and not args.prompt and not args.prompts:
         parser.error("a prompt is needed, e.g. python3 run.py 中国山水画")
+    if args.prompts and args.out and args.out.lower().endswith(".png"):
+        parser.error(f"--out {args.out}: with --prompts, --out is the folder for the pictures (one per row)")
     if args.python and not args.comfyui:
         parser.error("--python goes with --comfyui")
-    if args.out and not os.path.isdir(args.out) and not args.out.lower().endswith(".png"):
+    if not args.prompts and args.out and not os.path.isdir(args.out) and not args.out.lower().endswith(".png"):
         parser.error(f"--out {args.out}: the picture is a PNG: give a file name ending in .png, or a folder")
     return args
-
-
-def settings(args):
-    """steps, width and height: the given ones, else the model card's (or the demo's quick ones)."""
-    defaults = DEMO_DEFAULTS if args.model == DEMO else MODEL_DEFAULTS
-    return {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
-
-
-DEMO = "demo"
 
 
 def check_model(path):
@@ -335,35 +319,6 @@ def check_choices(info, args):
             raise RunError(f"{option} {given}: not one of this ComfyUI's {option[2:]}s: {', '.join(choices)}")
 
 
-def load_workflow(name):
-    with open(os.path.join(PACK_DIR, "workflows", "api", name + ".json"), encoding="utf-8") as f:
-        return json.load(f)
-
-
-def build_prompt(args, kind, model_name, seed):
-    """The shipped API workflow with this run's settings, by node id."""
-    workflow = load_workflow(WORKFLOWS[kind])
-    loader_type, field = LOADER_INPUT[kind]
-    expected = {LOADER: loader_type, POSITIVE: "ChineseSD_CLIPTextEncode", NEGATIVE: "ChineseSD_CLIPTextEncode",
-                LATENT: "EmptyLatentImage", SAMPLER: "KSampler", DECODE: "VAEDecode", SAVE: "SaveImage"}
-    found = {k: workflow.get(k, {}).get("class_type") for k in expected}
-    wrong = {k: v for k, v in found.items() if v != expected[k]}
-    if wrong:
-        raise RunError(f"workflows/api/{WORKFLOWS[kind]}.json does not have the expected nodes (found {wrong})")
-    size = settings(args)
-    workflow[LOADER]["inputs"].update({field: model_name, "unet_dtype": args.dtype, "text_encoder_dtype": args.dtype})
-    workflow[POSITIVE]["inputs"]["text"] = args.prompt
-    if args.negative is not None:
-        workflow[NEGATIVE]["inputs"]["text"] = args.negative
-    for node in (POSITIVE, NEGATIVE):
-        workflow[node]["inputs"]["long_prompt"] = args.long_prompt
-    workflow[LATENT]["inputs"].update(width=size["width"], height=size["height"], batch_size=1)
-    workflow[SAMPLER]["inputs"].update(seed=seed, steps=size["steps"], cfg=args.cfg, sampler_name=args.sampler,
-                                       scheduler=args.scheduler, denoise=1.0)
-    workflow[SAVE]["inputs"]["filename_prefix"] = "chinese_sd"
-    return workflow
-
-
 def link_model(work, kind, path):
     """The model under its own name in a folder of work/ (for an extra_model_paths.yaml); returns
     (folder to list, the name the loader lists, {path ComfyUI sees: the user's path})."""
@@ -378,15 +333,6 @@ def link_model(work, kind, path):
         return os.path.dirname(os.path.normpath(path)), name, {}
 
 
-def _ascii_only(stream):
-    """Whether a console can't show the progress bar's block characters (a gbk or ascii console)."""
-    try:
-        "▏█".encode(stream.encoding or "ascii")
-        return False
-    except (UnicodeEncodeError, LookupError):
-        return True
-
-
 def models_dir(args, comfyui):
     """Where the command keeps the ModelScope model: --comfyui's models/diffusers/ (where ComfyUI's loader finds
     and downloads it too), else the command's cache (kept when the environment is set up anew)."""
@@ -398,7 +344,6 @@ def models_dir(args, comfyui):
 def fetch_model(folder):
     """The ModelScope model's folder in `folder`, downloaded first when it is not there: one progress bar in bytes
     (the client's own per-file bars are not shown); Ctrl+C stops it, and the next run resumes it."""
-    global _bar
     from tqdm import tqdm
 
     from loaders.errors import ModelLoadError
@@ -406,11 +351,10 @@ def fetch_model(folder):
     stream, bar = sys.stderr, None
 
     def progress(done, total):
-        global _bar
         nonlocal bar
         if bar is None:
-            bar = _bar = tqdm(total=total, desc="Downloading", unit="B", unit_scale=True, unit_divisor=1024,
-                              file=stream, ascii=_ascii_only(stream), leave=True)
+            bar = show(tqdm(total=total, desc="Downloading", unit="B", unit_scale=True, unit_divisor=1024,
+                              file=stream, ascii=ascii_only(stream), leave=True))
         bar.n = done
         bar.refresh()
 
@@ -425,7 +369,7 @@ def fetch_model(folder):
     finally:
         if bar is not None:
             bar.close()
-            _bar = None
+            show(None)
 
 
 class Progress:
@@ -435,13 +379,12 @@ class Progress:
               SAMPLER: "Sampling", DECODE: "Decoding", SAVE: "Saving"}
 
     def __init__(self, steps):
-        global _bar
         from tqdm import tqdm
 
-        self.bar = _bar = tqdm(total=steps, desc="Starting", unit="step", file=sys.stderr,
-                               ascii=_ascii_only(sys.stderr), leave=True,
-                               bar_format="{desc:<20} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps "
-                                          "[{elapsed}<{remaining}]")
+        self.bar = show(tqdm(total=steps, desc="Starting", unit="step", file=sys.stderr,
+                             ascii=ascii_only(sys.stderr), leave=True,
+                             bar_format="{desc:<20} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps "
+                                        "[{elapsed}<{remaining}]"))
 
     def stage(self, node):
         desc = self.STAGES.get(node)
@@ -455,40 +398,20 @@ class Progress:
             self.bar.refresh()
 
     def close(self):
-        global _bar
         self.bar.close()
-        _bar = None
+        show(None)
 
 
-PROMPT_NAMES = {POSITIVE: "prompt", NEGATIVE: "negative prompt"}
-ENCODED_EVENT = "chinese_sd.encoded"  # the encode node's count after each encode (nodes/token_route.py)
-
-
-def token_line(data):
-    """The line said when an encode dropped tokens or used several windows, from the encode node's
-    chinese_sd.encoded event (its counter's numbers); None when there is nothing to say."""
-    name = PROMPT_NAMES.get(data.get("node"))
-    if name is None:
-        return None
-    if data.get("dropped"):
-        at_least = "at least " if data.get("limited") else ""
-        return (f"{name}: {at_least}{data['tokens']} tokens, a window holds {data['per_window']}: {at_least}"
-                f"{data['dropped']} dropped (--long-prompt truncate): kept up to \"…{data.get('cut_before', '')}\", "
-                f"dropped from \"{data.get('cut_after', '')}…\"; --long-prompt chunk encodes them all")
-    if data.get("windows", 1) > 1:
-        return f"{name}: {data['tokens']} tokens in {data['windows']} windows of {data['per_window']} (--long-prompt chunk)"
-    return None
-
-
-def follow(server, workflow, steps, seen_as=None):
-    """Queue the workflow, follow it (progress bar, token lines); returns the PNG bytes."""
+def follow(server, workflow, steps, seen_as=None, ui=None):
+    """Queue the workflow (ui: its UI form for the PNG's metadata), follow it (progress bar, token lines); returns
+    the PNG bytes."""
     from .client import Follower, PromptRejected, describe_rejection
 
     progress = Progress(steps)
     try:
         with Follower(server) as ws:
             try:
-                prompt_id = ws.queue_prompt(workflow)
+                prompt_id = ws.queue_prompt(workflow, {"extra_pnginfo": {"workflow": ui}} if ui else None)
             except PromptRejected as e:
                 raise RunError("ComfyUI refused the workflow: " + describe_rejection(e.body)) from None
             failure, i = None, 0
@@ -562,10 +485,44 @@ def start_server(comfyui, work, args, info, folders, dirs, port, listen="127.0.0
                         log_path=os.path.join(work, "comfyui.log") if log_to_file else None)
 
 
-def generate(args, comfyui, signals):
+def prepare(args, comfyui, work):
+    """What a run in this environment needs before its ComfyUI starts: the environment probed, the sampler and
+    scheduler checked, the model made ready (downloaded, built or linked). Returns (probe info, loader kind, the
+    name its loader lists, {ComfyUI folder name: folder} to show ComfyUI, {path ComfyUI sees: the user's path})."""
     from .demo import demo_folder, ensure_demo
+
+    info = probe(comfyui, work)
+    check_choices(info, args)
+    kind, path = args.model_kind, args.model_path
+    folders = {}
+    if kind == "hub":
+        kind, path = "folder", fetch_model(models_dir(args, comfyui))
+    if kind == "demo":
+        say("--model demo: the built-in demo model. Its weights are random, so the picture will be noise; "
+            f"without --model the command uses {download.MODEL_ID} from ModelScope.")
+        kind, path = "checkpoint", ensure_demo(sys.executable, comfyui, bootstrap.cache_root(), log)
+        folders["checkpoints"] = demo_folder(bootstrap.cache_root())
+        name, seen_as = os.path.basename(path), {}
+    else:
+        folder, name, seen_as = link_model(work, kind, path)
+        folders["diffusers" if kind == "folder" else "checkpoints"] = folder
+    return info, kind, name, folders, seen_as
+
+
+def local_server(comfyui, work, args, info, folders, signals):
+    """The command's own ComfyUI, started and ready (stopped by the caller)."""
     from .process import free_port
 
+    log.info("Starting ComfyUI headless ...")
+    dirs = {name: os.path.join(work, name) for name in ("output", "input", "temp", "user")}
+    server = signals.server = start_server(comfyui, work, args, info, folders, dirs, free_port(),
+                                           log_to_file=not args.verbose)
+    server.wait_ready()
+    return server
+
+
+def generate(args, comfyui, signals):
+    """One picture: on the command's own ComfyUI, or on the first --server."""
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 32)
     out = os.path.abspath(args.out or f"chinese_sd_{seed}.png")
     if os.path.isdir(out):  # a folder: the picture goes into it
@@ -574,50 +531,91 @@ def generate(args, comfyui, signals):
     work = tempfile.mkdtemp(prefix="chinese-sd-run-")
     server = None
     try:
-        info = probe(comfyui, work)
-        check_choices(info, args)
-        kind, path = args.model_kind, args.model_path
-        folders = {}
-        if kind == "hub":
-            kind, path = "folder", fetch_model(models_dir(args, comfyui))
-        if kind == "demo":
-            say("--model demo: the built-in demo model. Its weights are random, so the picture will be noise; "
-                f"without --model the command uses {download.MODEL_ID} from ModelScope.")
-            kind, path = "checkpoint", ensure_demo(sys.executable, comfyui, bootstrap.cache_root(), log)
-            folders["checkpoints"] = demo_folder(bootstrap.cache_root())
-            name, seen_as = os.path.basename(path), {}
+        if args.servers:
+            from .batch import check_servers
+
+            servers, kind, name, _ = check_servers(args.servers, args.model, args.sampler, args.scheduler)
+            seen_as, device = {}, f"ComfyUI at {servers[0].url}"
         else:
-            folder, name, seen_as = link_model(work, kind, path)
-            folders["diffusers" if kind == "folder" else "checkpoints"] = folder
+            info, kind, name, folders, seen_as = prepare(args, comfyui, work)
+            device = f"{info['device']} (torch {info['torch']})"
         workflow = build_prompt(args, kind, name, seed)
         say(f"prompt: {workflow[POSITIVE]['inputs']['text']}\n"
             f"negative prompt: {workflow[NEGATIVE]['inputs']['text']}\n"
             f"{size['width']}x{size['height']}, {size['steps']} steps, {args.sampler} + {args.scheduler}, "
             f"CFG {args.cfg:g}, seed {seed}, dtype {args.dtype}, long prompts: {args.long_prompt}\n"
-            f"device: {info['device']} (torch {info['torch']})")
-        log.info("Starting ComfyUI headless ...")
-        dirs = {name_: os.path.join(work, name_) for name_ in ("output", "input", "temp", "user")}
-        server = signals.server = start_server(comfyui, work, args, info, folders, dirs, free_port(),
-                                               log_to_file=not args.verbose)
-        server.wait_ready()
-        png = follow(server, workflow, size["steps"], seen_as)
-        weights = weights_line(server.log_text())
-        if weights:
-            say(f"weights: {weights}")
+            f"device: {device}")
+        if args.servers:
+            png = follow(servers[0], workflow, size["steps"], seen_as, ui_workflow(workflow, kind))
+        else:
+            server = local_server(comfyui, work, args, info, folders, signals)
+            png = follow(server, workflow, size["steps"], seen_as, ui_workflow(workflow, kind))
+            weights = weights_line(server.log_text())
+            if weights:
+                say(f"weights: {weights}")
     finally:
         if server is not None:
             server.stop()
         shutil.rmtree(work, ignore_errors=True)
     if not png.startswith(b"\x89PNG\r\n\x1a\n"):
         raise RunError("ComfyUI returned something that is not a PNG")
+    from .batch import write_whole
+
     try:
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with open(out, "wb") as f:
-            f.write(png)
+        write_whole(out, png)
     except OSError as e:
         raise RunError(f"cannot write {out}: {e.strerror or e}") from None
     say(f"saved {out}")
     return 0
+
+
+def batch_folder(args):
+    """--out of a batch: the folder its pictures go to (default: the prompts file's name, in the current folder)."""
+    return os.path.abspath(args.out or os.path.splitext(os.path.basename(args.prompts))[0] or "chinese_sd")
+
+
+def run_batch(args, comfyui, signals):
+    """A picture per row of --prompts: on the --server servers, or on the command's own ComfyUI, started once."""
+    import time
+
+    from . import batch, prompts_file
+
+    started = time.time()
+    rows, bad = prompts_file.read(args.prompts)
+    out_dir = batch_folder(args)
+    work = tempfile.mkdtemp(prefix="chinese-sd-run-")
+    server = runner = None
+    jobs = []
+    try:
+        if args.servers:
+            servers, kind, name, lists = batch.check_servers(args.servers, args.model, args.sampler, args.scheduler)
+            where = f"{len(servers)} server{'s' if len(servers) > 1 else ''}: {', '.join(s.url for s in servers)}"
+        else:
+            info, kind, name, folders, _ = prepare(args, comfyui, work)
+            lists = {"samplers": info["samplers"], "schedulers": info["schedulers"]}
+            where = f"this machine's ComfyUI, {info['device']} (torch {info['torch']})"
+        jobs, bad = batch.plan(args, rows, bad, kind, name, lists, out_dir)
+        for row in bad:
+            log.error("error: line %s: %s", row.line, row.why)
+        todo = batch.resume(jobs)
+        say(f"{len(jobs) + len(bad)} rows in "
+            f"{args.prompts}: {len(todo)} to make, {len(jobs) - len(todo)} made before, {len(bad)} bad; "
+            f"pictures in {out_dir}; on {where}")
+        if todo:
+            if not args.servers:
+                server = local_server(comfyui, work, args, info, folders, signals)
+                servers = [server]
+            runner = batch.Batch(todo, servers)
+            runner.run()
+    except KeyboardInterrupt:
+        if jobs:
+            batch.summary(jobs, [], runner, time.time() - started)
+        raise
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return batch.summary(jobs, bad, runner, time.time() - started)
 
 
 def serve(args, comfyui, signals):
@@ -692,17 +690,9 @@ class Signals:
                 self.server.proc.kill()
 
 
-def _utf8_console():
-    """Never crash on a character the console can't show (a Chinese prompt on a gbk or ascii console)."""
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):
-            with contextlib.suppress(ValueError):
-                stream.reconfigure(errors="replace")
-
-
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    _utf8_console()
+    utf8_console()
     args = parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -715,13 +705,22 @@ def main(argv=None):
             python, comfyui = bootstrap.ensure(archive=args.comfyui_archive)
             say(f"PYTHON={python} COMFYUI_PATH={comfyui}")
             return 0
-        args.model_kind, args.model_path = check_model(args.model)  # before any setup: a typo fails at once
+        if args.servers:  # the model is the servers' (checked there)
+            args.model_kind, args.model_path = "server", args.model
+        else:
+            args.model_kind, args.model_path = check_model(args.model)  # before any setup: a typo fails at once
+        if args.prompts:
+            from .prompts_file import read
+
+            read(args.prompts)  # before any setup: a file that can't be read fails at once (rows are said later)
         comfyui = os.environ.get(STAGE_ENV)
         if not comfyui:
             python, comfyui, version = find_environment(args)
             log.info("ComfyUI %s in %s, Python %s", version, comfyui, python)
             return run_in(python, comfyui, argv)  # a venv's python may be a link to this very interpreter
-        return serve(args, comfyui, signals) if args.serve else generate(args, comfyui, signals)
+        if args.serve:
+            return serve(args, comfyui, signals)
+        return run_batch(args, comfyui, signals) if args.prompts else generate(args, comfyui, signals)
     except RunError as e:
         log.error("error: %s", e)
         return 1

@@ -122,32 +122,51 @@ class Follower:
 
     # -- prompts
 
-    def queue_prompt(self, workflow):
-        """POST a workflow with this socket's client id; returns its prompt id (PromptRejected if refused)."""
-        status, body = self.server.post_json("/prompt", {"prompt": workflow, "client_id": self.client_id})
+    def queue_prompt(self, workflow, extra_data=None):
+        """POST a workflow with this socket's client id (and extra_data, e.g. {"extra_pnginfo": {"workflow": ...}}
+        for the PNG's metadata); returns its prompt id (PromptRejected if refused)."""
+        body = {"prompt": workflow, "client_id": self.client_id}
+        if extra_data:
+            body["extra_data"] = extra_data
+        status, body = self.server.post_json("/prompt", body)
         if status != 200:
             raise PromptRejected(status, body)
         return body["prompt_id"]
 
-    def next(self, i, timeout=None):
-        """Message number i (0 = the first kept), waiting up to timeout seconds (None: as long as it takes)."""
-        deadline = None if timeout is None else time.time() + timeout
+    def _exited(self):
+        """Whether the server is a process of ours that has exited (a server elsewhere has no process)."""
+        return self.server.proc is not None and self.server.proc.poll() is not None
+
+    def poll(self, i, timeout):
+        """Message number i if it arrives within timeout seconds, else None (ServerDied if the socket closed)."""
+        deadline = time.time() + timeout
         with self._cond:
             while i >= len(self.messages):
                 if self._closed:
-                    if self.server.proc.poll() is None:  # the socket went first: give the exit a moment
+                    if self.server.proc is not None and not self._exited():  # the socket went first: a moment
                         self._cond.wait(2)
-                    if self.server.proc.poll() is not None:
+                    if self._exited():
                         raise self.server.died("while followed")
-                    raise ServerDied(self._closed)
-                if self.server.proc.poll() is not None:
+                    raise ServerDied(f"{self._closed} ({self.server.url})")
+                if self._exited():
                     raise self.server.died("while followed")
-                left = None if deadline is None else deadline - time.time()
-                if left is not None and left <= 0:
-                    raise TimeoutError(f"no message in {timeout} s; last messages: {self.messages[-5:]}\n"
-                                       f"{self.server.log_tail()}")
-                self._cond.wait(1.0 if left is None else min(left, 1.0))  # the timeout only re-checks the server
+                left = deadline - time.time()
+                if left <= 0:
+                    return None
+                self._cond.wait(min(left, 1.0))  # the timeout only re-checks the server
             return self.messages[i]
+
+    def next(self, i, timeout=None):
+        """Message number i (0 = the first kept), waiting up to timeout seconds (None: as long as it takes)."""
+        deadline = None if timeout is None else time.time() + timeout
+        while True:
+            left = 3600.0 if deadline is None else deadline - time.time()
+            message = self.poll(i, max(0.0, left))
+            if message is not None:
+                return message
+            if deadline is not None and time.time() >= deadline:
+                raise TimeoutError(f"no message in {timeout} s; last messages: {self.messages[-5:]}\n"
+                                   f"{self.server.log_tail()}")
 
     def wait_for(self, predicate, timeout=300, start=0):
         """The first message (from index start on) for which predicate(message) is true; waits for it."""

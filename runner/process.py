@@ -90,7 +90,50 @@ def _child_setup():
             pass
 
 
-class ComfyProcess:
+class Server:
+    """Plain HTTP to a ComfyUI server at url (a running one anywhere, or a ComfyProcess below). It has no process
+    of ours: .proc is None."""
+
+    proc = None
+
+    def __init__(self, url):
+        self.url = url.rstrip("/")
+
+    def log_tail(self, lines=40):
+        return ""
+
+    def died(self, what):
+        return ServerDied(f"ComfyUI at {self.url} stopped answering {what}")
+
+    # -- HTTP
+
+    def get(self, path, timeout=60):
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:  # noqa: S310 (http://host:port/...)
+            return r.read()
+
+    def get_json(self, path, timeout=60):
+        return json.loads(self.get(path, timeout).decode("utf-8"))
+
+    def post_json(self, path, data, timeout=60):
+        """POST JSON; returns (HTTP status, the JSON answer), also for error statuses."""
+        req = urllib.request.Request(self.url + path, data=json.dumps(data).encode("utf-8"),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310
+                return r.status, json.loads(r.read().decode("utf-8"))
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read().decode("utf-8"))
+
+    def post(self, path, data, timeout=60):
+        """POST JSON; returns the HTTP status (for endpoints such as /interrupt that answer no JSON)."""
+        req = urllib.request.Request(self.url + path, data=json.dumps(data).encode("utf-8"),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310
+            r.read()
+            return r.status
+
+
+class ComfyProcess(Server):
     """`python main.py ARGS` of a ComfyUI folder, and plain HTTP to it."""
 
     def __init__(self, comfyui, args, python=None, cwd=None, log_path=None, env=None):
@@ -175,30 +218,3 @@ class ComfyProcess:
 
     def __exit__(self, *exc):
         self.stop()
-
-    # -- HTTP
-
-    def get(self, path, timeout=60):
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:  # noqa: S310 (http://host:port/...)
-            return r.read()
-
-    def get_json(self, path):
-        return json.loads(self.get(path).decode("utf-8"))
-
-    def post_json(self, path, data, timeout=60):
-        """POST JSON; returns (HTTP status, the JSON answer), also for error statuses."""
-        req = urllib.request.Request(self.url + path, data=json.dumps(data).encode("utf-8"),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310
-                return r.status, json.loads(r.read().decode("utf-8"))
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read().decode("utf-8"))
-
-    def post(self, path, data, timeout=60):
-        """POST JSON; returns the HTTP status (for endpoints such as /interrupt that answer no JSON)."""
-        req = urllib.request.Request(self.url + path, data=json.dumps(data).encode("utf-8"),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310
-            r.read()
-            return r.status
