@@ -2,7 +2,7 @@
 
 It connects as the frontend does, with a client id; prompts it queues report to it. Every JSON message, and
 every TEXT event a node shows (as {"type": "text", "data": {"node": ..., "text": ...}}), is kept in order in
-.messages; next()/wait_for() block until the message wanted has arrived, and raise ServerDied when the socket
+.messages; next() blocks until the message wanted has arrived, and raise ServerDied when the socket
 closes or the server exits first.
 """
 
@@ -14,7 +14,6 @@ import uuid
 
 from .process import ServerDied
 
-TERMINAL_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
 TEXT_EVENT = 3  # ComfyUI's binary TEXT event: node id length, node id, text
 
 
@@ -35,13 +34,6 @@ def parse_text_event(data):
         return None
     (n,) = struct.unpack(">I", data[4:8])
     return data[8:8 + n].decode("utf-8", errors="replace"), data[8 + n:].decode("utf-8", errors="replace")
-
-
-def is_prompt_done(message, prompt_id):
-    """The server's last word about a prompt, sent once its history entry is written: executing node None."""
-    data = message.get("data")
-    return message.get("type") == "executing" and isinstance(data, dict) and data.get("node") is None and \
-        data.get("prompt_id") == prompt_id
 
 
 def describe_rejection(body):
@@ -167,35 +159,6 @@ class Follower:
             if deadline is not None and time.time() >= deadline:
                 raise TimeoutError(f"no message in {timeout} s; last messages: {self.messages[-5:]}\n"
                                    f"{self.server.log_tail()}")
-
-    def wait_for(self, predicate, timeout=300, start=0):
-        """The first message (from index start on) for which predicate(message) is true; waits for it."""
-        deadline = time.time() + timeout
-        i = start
-        while True:
-            message = self.next(i, max(0.0, deadline - time.time()))
-            if predicate(message):
-                return message
-            i += 1
-
-    def wait_finished(self, prompt_id, timeout=300):
-        """The message that ended the prompt (one of TERMINAL_EVENTS), once its history entry is written too."""
-        end = self.wait_for(lambda m: m.get("type") in TERMINAL_EVENTS and
-                            (m.get("data") or {}).get("prompt_id") == prompt_id, timeout)
-        self.wait_for(lambda m: is_prompt_done(m, prompt_id), timeout)
-        return end
-
-    def messages_of(self, prompt_id, type=None):
-        """The JSON messages about one prompt so far (optionally only those of one type)."""
-        with self._cond:
-            return [m for m in self.messages if isinstance(m.get("data"), dict) and
-                    m["data"].get("prompt_id") == prompt_id and (type is None or m["type"] == type)]
-
-    def run(self, workflow, timeout=300):
-        """Queue a workflow and wait for it to end; returns (history entry, the messages about it)."""
-        prompt_id = self.queue_prompt(workflow)
-        self.wait_finished(prompt_id, timeout)
-        return self.server.get_json(f"/history/{prompt_id}")[prompt_id], self.messages_of(prompt_id)
 
     def close(self):
         import asyncio

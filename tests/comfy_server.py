@@ -11,7 +11,7 @@ PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if PACK_DIR not in sys.path:
     sys.path.append(PACK_DIR)  # after ComfyUI's folder: its nodes.py must win over the pack's nodes/
 
-from runner.client import TERMINAL_EVENTS, Follower, is_prompt_done, parse_text_event  # noqa: E402
+from runner.client import Follower, parse_text_event  # noqa: E402
 from runner.process import ComfyProcess, comfyui_args, free_port, write_extra_paths  # noqa: E402
 
 __all__ = ["TERMINAL_EVENTS", "WIDGET_TYPES", "ComfyServer", "ComfySocket", "free_port", "is_prompt_done",
@@ -101,14 +101,53 @@ def pack_warnings(log_text):
     return found
 
 
+TERMINAL_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
+
+
+def is_prompt_done(message, prompt_id):
+    """The server's last word about a prompt, sent once its history entry is written: executing node None."""
+    data = message.get("data")
+    return message.get("type") == "executing" and isinstance(data, dict) and data.get("node") is None and \
+        data.get("prompt_id") == prompt_id
+
+
 class ComfySocket(Follower):
     """The product's websocket follower (runner.client.Follower) with the test bed's habits: a refused prompt
-    fails the test."""
+    fails the test; waiting for a message, for a prompt's end, running a prompt to its end."""
 
     def queue_prompt(self, workflow):
         status, body = self.server.post_json("/prompt", {"prompt": workflow, "client_id": self.client_id})
         assert status == 200, f"prompt rejected ({status}): {body}"
         return body["prompt_id"]
+
+    def wait_for(self, predicate, timeout=300, start=0):
+        """The first message (from index start on) for which predicate(message) is true; waits for it."""
+        deadline = time.time() + timeout
+        i = start
+        while True:
+            message = self.next(i, max(0.0, deadline - time.time()))
+            if predicate(message):
+                return message
+            i += 1
+
+    def wait_finished(self, prompt_id, timeout=300):
+        """The message that ended the prompt (one of TERMINAL_EVENTS), once its history entry is written too."""
+        end = self.wait_for(lambda m: m.get("type") in TERMINAL_EVENTS and
+                            (m.get("data") or {}).get("prompt_id") == prompt_id, timeout)
+        self.wait_for(lambda m: is_prompt_done(m, prompt_id), timeout)
+        return end
+
+    def messages_of(self, prompt_id, type=None):
+        """The JSON messages about one prompt so far (optionally only those of one type)."""
+        with self._cond:
+            return [m for m in self.messages if isinstance(m.get("data"), dict) and
+                    m["data"].get("prompt_id") == prompt_id and (type is None or m["type"] == type)]
+
+    def run(self, workflow, timeout=300):
+        """Queue a workflow and wait for it to end; returns (history entry, the messages about it)."""
+        prompt_id = self.queue_prompt(workflow)
+        self.wait_finished(prompt_id, timeout)
+        return self.server.get_json(f"/history/{prompt_id}")[prompt_id], self.messages_of(prompt_id)
 
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
