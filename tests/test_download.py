@@ -307,6 +307,10 @@ def run(server, workflow, interrupt_when=None):
                 break
             if m.get("type") in ("execution_error", "execution_interrupted") and data.get("prompt_id") == prompt_id:
                 break
+    # an execution_error can come before ComfyUI has written the prompt's history entry
+    deadline = time.time() + 30
+    while not server.get_json(f"/history/{prompt_id}").get(prompt_id) and time.time() < deadline:
+        time.sleep(0.1)
     return server.get_json(f"/history/{prompt_id}").get(prompt_id), messages, interrupted_at
 
 
