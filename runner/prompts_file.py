@@ -145,17 +145,23 @@ def check(values):
     return out
 
 
-def read_txt(text):
+def _read_lines(text, values_of):
+    """(rows, bad rows) of a file with a row a line (blank lines and # comments skipped): values_of(line) gives
+    the row's options, or raises BadValue for that row alone."""
     rows, bad = [], []
     for line_no, line in _lines(text):
         if _skipped(line):
             continue
         number = len(rows) + len(bad) + 1
         try:
-            rows.append(Row(number, line_no, check({"prompt": line.strip()})))
+            rows.append(Row(number, line_no, check(values_of(line))))
         except BadValue as e:
             bad.append(BadRow(number, line_no, str(e)))
     return rows, bad
+
+
+def read_txt(text):
+    return _read_lines(text, lambda line: {"prompt": line.strip()})
 
 
 def column_name(raw):
@@ -209,30 +215,25 @@ def read_csv(text):
 
 
 def read_jsonl(text):
-    rows, bad = [], []
-    for line_no, line in _lines(text):
-        if _skipped(line):
-            continue
-        number = len(rows) + len(bad) + 1
-        try:
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise BadValue(f"not JSON ({e.msg if hasattr(e, 'msg') else e})") from None
-            if not isinstance(obj, dict):
-                raise BadValue("not a JSON object ({...} with the options as keys)")
-            values = {}
-            for key, value in obj.items():
-                name = column_name(key)
-                if name not in COLUMNS:
-                    raise BadValue(f"unknown key {key!r} (the keys are the command's options: {', '.join(COLUMNS)})")
-                if name in values:
-                    raise BadValue(f"key {name!r} given twice")
-                values[name] = _json_value(name, value)
-            rows.append(Row(number, line_no, check(values)))
-        except BadValue as e:
-            bad.append(BadRow(number, line_no, str(e)))
-    return rows, bad
+    return _read_lines(text, _jsonl_values)
+
+
+def _jsonl_values(line):
+    try:
+        obj = json.loads(line)
+    except ValueError as e:
+        raise BadValue(f"not JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    if not isinstance(obj, dict):
+        raise BadValue("not a JSON object ({...} with the options as keys)")
+    values = {}
+    for key, value in obj.items():
+        name = column_name(key)
+        if name not in COLUMNS:
+            raise BadValue(f"unknown key {key!r} (the keys are the command's options: {', '.join(COLUMNS)})")
+        if name in values:
+            raise BadValue(f"key {name!r} given twice")
+        values[name] = _json_value(name, value)
+    return values
 
 
 def _json_value(name, value):
