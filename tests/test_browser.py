@@ -928,7 +928,7 @@ def test_txt2img_template_opens_readable(variant, frontend, nodes2):
 def test_counter_counts_on_each_frontend(variant, frontend, nodes2):
     """The counter of an encode node wired to the loader counts what is typed and warns of truncation, reading the
     node's links the way the frontend asks (no deprecation notice from the pack: the variant fixture). With Nodes
-    2.0 the counter takes only the lines it shows, and the prompt box keeps its room."""
+    2.0 the counter takes only the lines it shows (no fixed 52 px), and the prompt box keeps its minimum height."""
     node_id = add_encode_node(variant)
     variant.evaluate("""(id) => { const loader = LiteGraph.createNode('ChineseSD_ModelScopeLoader');
         loader.pos = [-200, 160]; app.graph.add(loader); loader.connect(1, app.graph.getNodeById(id), 0); }""", node_id)
@@ -953,6 +953,10 @@ def test_counter_counts_on_each_frontend(variant, frontend, nodes2):
         variant.wait_for_timeout(300)
         height = box.evaluate("e => e.getBoundingClientRect().height")
         assert height <= 16 * 2 + 8, height  # a short prompt: its count line (and a note at most)
+        # the prompt box keeps at least the frontend's own minimum height for a text box (64 px: four lines)
+        prompt = variant.evaluate("""(id) => document.querySelector(`.lg-node[data-node-id="${id}"] textarea`)
+            ?.getBoundingClientRect().height""", str(node_id))
+        assert prompt is not None and prompt >= 64, prompt
         # a Vue-rendered node pads its widgets: the counter is narrower than its node by design, its text must fit
         assert [f for f in overflowing_text(variant) if "its node" not in f] == []
         assert variant.evaluate(CUT_DOM_TEXTS) == []  # the loader's labels at its default width included
