@@ -18,7 +18,9 @@
 # $CNSD_TEST_CACHE/product. It then adds only the test-only packages, in a hard-linked copy of that
 # environment, links this pack into a hard-linked copy of that ComfyUI's folder and runs pytest. Everything
 # downloaded or built lives outside the repository, in $CNSD_TEST_CACHE (default
-# ~/.cache/comfyui-chinese-sd-tests); a second run reuses it. Temporary files of a run go to one folder
+# ~/.cache/comfyui-chinese-sd-tests); a second run reuses it. ComfyUI's newest frontend on PyPI
+# ($NEXT_FRONTEND_PIN) is installed there too, apart from every environment (pip --target), and the browser test
+# is given its static folder (CNSD_NEXT_FRONTEND) on the hosts in $NEXT_FRONTEND_HOSTS. Temporary files of a run go to one folder
 # that is removed when the run ends (CNSD_KEEP_TMP=1 keeps it).
 set -euo pipefail
 
@@ -32,6 +34,10 @@ hosts_dir=${CNSD_HOSTS_DIR:-$pack_dir/../shared/hosts}
 TEST_PINS="pytest==9.0.3 hypothesis==6.170.17 playwright==1.65.2 six"  # playwright drives Debian's chromium
 CN_CLIP_PIN="cn-clip==1.6.0"   # installed without its dependencies (see below)
 COMFY_CLI_PIN="comfy-cli==1.23.0"  # the Comfy Registry's validator (`comfy node validate`), in a venv of its own
+# ComfyUI's newest frontend on PyPI, which the browser test also runs on (ComfyUI serves it with --front-end-root),
+# on the hosts listed; the host's own pinned frontend stays in its environment
+NEXT_FRONTEND_PIN="comfyui-frontend-package==1.58.1"
+NEXT_FRONTEND_HOSTS="0.33.0"
 
 diffusers_for() {  # the reference diffusers release that works with this transformers
     case $1 in
@@ -144,12 +150,24 @@ setup_comfy_cli() {  # -> $comfy_cli: the registry's validator, kept apart from 
     comfy_cli=$venv/bin/comfy
 }
 
+setup_next_frontend() {  # -> $next_frontend: the static folder of $NEXT_FRONTEND_PIN, installed once into the cache
+    local dir=$cache/frontend-${NEXT_FRONTEND_PIN##*==}
+    if [ "$(cat "$dir/.cnsd-stamp" 2>/dev/null)" != "$NEXT_FRONTEND_PIN" ]; then
+        rm -rf "$dir"
+        log "installing $NEXT_FRONTEND_PIN into $dir (for the browser test's --front-end-root)"
+        "$python" -m pip install --quiet --disable-pip-version-check --target "$dir" --no-deps "$NEXT_FRONTEND_PIN"
+        echo "$NEXT_FRONTEND_PIN" > "$dir/.cnsd-stamp"
+    fi
+    next_frontend=$dir/comfyui_frontend_package/static
+}
+
 tmp_root=$(mktemp -d "${TMPDIR:-/tmp}/cnsd-tests.XXXXXX")
 cleanup() { if [ "${CNSD_KEEP_TMP:-0}" = 1 ]; then log "kept temporary files in $tmp_root"; else rm -rf "$tmp_root"; fi; }
 trap cleanup EXIT
 
 failed=""
-[ "$setup_only" = 1 ] || { ensure_browser; setup_comfy_cli; }
+next_frontend=""
+[ "$setup_only" = 1 ] || { ensure_browser; setup_comfy_cli; setup_next_frontend; }
 # environments of earlier versions of this script (the test environments are now venv-tests-*)
 rm -rf "$cache/venv" "$cache"/venv-comfyui*-transformers*
 if [ "$setup_only" = 1 ]; then
@@ -164,14 +182,15 @@ run_pytest() {  # run_pytest HOST TRANSFORMERS PYTHON COMFYUI PRODUCT_TESTS [pyt
     local host=$1 tf=$2 py=$3 comfy=$4 product_tests=$5
     shift 5
     # short: chromium's socket lives below it, and a socket's path has at most 107 bytes
-    local tmp=$tmp_root/$host-$tf rc=0
+    local tmp=$tmp_root/$host-$tf rc=0 next=""
+    case " $NEXT_FRONTEND_HOSTS " in *" $host "*) next=$next_frontend ;; esac
     mkdir -p "$tmp/tmp"
     log "ComfyUI $host, transformers $tf: running pytest"
     (
         cd "$pack_dir"
         export COMFYUI_PATH=$comfy CNSD_TEST_CACHE=$cache PYTHONIOENCODING=utf-8 TMPDIR=$tmp/tmp \
             HYPOTHESIS_STORAGE_DIRECTORY=$tmp/hypothesis CNSD_COMFY_CLI=$comfy_cli CNSD_PRODUCT_TESTS=$product_tests \
-            CNSD_MATRIX="$MATRIX"
+            CNSD_MATRIX="$MATRIX" CNSD_NEXT_FRONTEND="$next"
         # --confcutdir: the repository root (the pack, a package of its own) is no test package: pytest would
         # import its __init__.py under the folder's name, which fails where that is no identifier (my-pack)
         exec "$py" -m pytest --basetemp="$tmp/pytest" --confcutdir="$pack_dir/tests" "$@"

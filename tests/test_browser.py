@@ -7,8 +7,13 @@ last run", then types a long prompt and sees that one turn into an estimate with
 no node moves, grows or covers another and the prompt box keeps its height; checks that no text of the counter
 runs past its node, at a new node's default width, in English and Chinese (also when the model is not
 installed); switches to 中文 and finds the pack's Chinese titles, tooltips, category and help page; and reads
-every help page in the narrow Info panel without horizontal scrolling, in both languages. No page error, and
-no deprecation warning in the browser console or the server log, may come from the pack.
+every help page in the narrow Info panel without horizontal scrolling, in both languages. Every template opens
+at a zoom where the canvas draws its text, titles and labels whole. The same page is then checked on each
+frontend, with Nodes 2.0 (Vue-rendered nodes) off and on: the host's own (1.49.6 on ComfyUI 0.33.0) and the
+newest on PyPI (1.58.1, where tests/run.sh provides it): the txt2img template readable, the counter counting
+without reading deprecated fields, the help page found at the first URL the frontend asks. No page error, no
+failed request of the pack's files, and no deprecation warning in the browser console or the server log, may
+come from the pack.
 With CNSD_SCREENSHOTS=1 it also writes the README's screenshots (docs/images/) from the newest host's
 frontend: `CNSD_SCREENSHOTS=1 bash tests/run.sh --host 0.33.0 tests/test_browser.py`. (The template cards,
 workflows/*.jpg, are drawn by docs/thumbnails.py.)"""
@@ -45,9 +50,12 @@ FRONTENDS_DROPPING_CUSTOM_LOCALES = {(1, 32, 9)}
 LONG_PROMPT = "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。" * 3  # 72 characters: beyond the 50-token window
 NODE_IDS = ("ChineseSD_ModelScopeLoader", "ChineseSD_CheckpointLoader", "ChineseSD_CLIPLoader", "ChineseSD_CLIPTextEncode",
             "ChineseSD_UNetLoader")
-# Deprecation warnings the frontend 1.49.6 prints by itself: both appear with every custom node pack disabled
-# (main.py --disable-all-custom-nodes), so they are not the pack's
-FRONTEND_OWN_DEPRECATIONS = ("legacy queue/history menu is deprecated", "ComfyApp.open_maskeditor is deprecated")
+# Deprecation warnings the frontends print by themselves: each appears with every custom node pack disabled
+# (main.py --disable-all-custom-nodes), so they are not the pack's. 1.49.6 and 1.58.1: the legacy menu and the
+# mask editor; 1.58.1 also reads input.link itself when it loads a graph (LGraphNode.configure). The pack's own
+# reads of input.link are told apart by where they come from (pack_deprecations: the call stack).
+FRONTEND_OWN_DEPRECATIONS = ("legacy queue/history menu is deprecated", "ComfyApp.open_maskeditor is deprecated",
+                             "input.link is deprecated")
 
 
 def read_json(*parts):
@@ -108,6 +116,7 @@ def browser(ui_server):
 def wait_ready(page):
     page.wait_for_function("() => window.app && window.app.graph && window.app.extensionManager?.setting"
                            " && window.LiteGraph?.registered_node_types?.ChineseSD_CLIPTextEncode", timeout=120_000)
+    page.evaluate("() => { LiteGraph.alwaysRepeatWarnings = true; }")  # see RECORD_DEPRECATIONS
 
 
 def set_locale(page, locale):
@@ -117,16 +126,36 @@ def set_locale(page, locale):
     wait_ready(page)
 
 
-def open_page(browser, server, locale="en"):
+# Every deprecation notice the page prints, with the call stack that printed it (the frontends print them with
+# console.warn, through LiteGraph.onDeprecationWarning): a notice is the pack's when its stack passes through the
+# pack's script. LiteGraph repeats a notice only with alwaysRepeatWarnings on; otherwise the frontend's own first
+# read of input.link would silence every later read by the pack.
+RECORD_DEPRECATIONS = """(() => {
+    const warn = console.warn;
+    window.__cnsdDeprecations = [];
+    console.warn = function (...args) {
+        const text = args.map(String).join(" ");
+        if (/deprecat/i.test(text)) window.__cnsdDeprecations.push([text, String(new Error().stack)]);
+        return warn.apply(this, args);
+    };
+})()"""
+PACK_URL = f"/extensions/{MODULE}/"
+
+
+def open_page(browser, server, locale="en", nodes2=False, viewport=(1440, 900)):
     """A new tab on the server, as a returning user opens ComfyUI: the user's settings (kept by the server) say
-    the tutorial is done (a first visit opens the template browser by itself) and which language to show, so the
-    page loads once, in that language. The tab collects its page errors and console messages."""
-    assert server.post("/settings", {"Comfy.TutorialCompleted": True, "Comfy.Locale": locale}) == 200
-    context = browser.new_context(viewport={"width": 1440, "height": 900}, device_scale_factor=1)
+    the tutorial is done (a first visit opens the template browser by itself), which language to show and
+    whether nodes are Vue-rendered (Nodes 2.0), so the page loads once, in that language. The tab collects its
+    page errors, console messages, deprecation notices (with their stacks) and failed requests."""
+    assert server.post("/settings", {"Comfy.TutorialCompleted": True, "Comfy.Locale": locale,
+                                     "Comfy.VueNodes.Enabled": nodes2}) == 200
+    context = browser.new_context(viewport=dict(zip(("width", "height"), viewport)), device_scale_factor=1)
     page = context.new_page()
-    page.page_errors, page.console_messages = [], []
+    page.add_init_script(RECORD_DEPRECATIONS)
+    page.page_errors, page.console_messages, page.failed_requests = [], [], []
     page.on("pageerror", lambda e: page.page_errors.append(str(e)))
     page.on("console", lambda m: page.console_messages.append((m.type, m.text)))
+    page.on("response", lambda r: page.failed_requests.append((r.status, r.url)) if r.status >= 400 else None)
     page.goto(server.url, wait_until="networkidle")
     wait_ready(page)
     assert page.evaluate("() => app.extensionManager.setting.get('Comfy.Locale')") == locale
@@ -148,6 +177,7 @@ def page(browser, ui_server, request):
     try:
         yield page
         assert deprecations(page) == []
+        assert pack_failed_requests(page) == []
     finally:
         page.context.close()
 
@@ -180,14 +210,30 @@ def tab(tabs, request):
     tab_.wait_for_function("() => app.graph._nodes.length === 0", timeout=30_000)
     tab_.page_errors.clear()
     tab_.console_messages.clear()
+    tab_.failed_requests.clear()
+    pack_deprecations(tab_)  # the previous test's, checked by it
     yield tab_
     assert deprecations(tab_) == []
+    assert pack_failed_requests(tab_) == []
 
 
 def deprecations(page):
-    """Deprecation warnings in the browser console other than the frontend's own."""
-    return [f"{kind}: {text}" for kind, text in page.console_messages if "deprecat" in text.lower()
-            and not any(own in text for own in FRONTEND_OWN_DEPRECATIONS)]
+    """Deprecation warnings in the browser console other than the frontend's own, and every one printed from the
+    pack's script (whatever its text) or naming the pack."""
+    found = [f"{kind}: {text}" for kind, text in page.console_messages if "deprecat" in text.lower()
+             and not any(own in text for own in FRONTEND_OWN_DEPRECATIONS)]
+    return found + pack_deprecations(page)
+
+
+def pack_deprecations(page):
+    notices = page.evaluate("() => window.__cnsdDeprecations.splice(0)")
+    return [f"{text}\n{stack}" for text, stack in notices
+            if PACK_URL in stack or MODULE in text or "ChineseSD" in text]
+
+
+def pack_failed_requests(page):
+    """Requests of the pack's files or routes that failed (a help page's 404 included)."""
+    return [f"{status} {url}" for status, url in page.failed_requests if PACK_URL in url or "/chinese_sd/" in url]
 
 
 DIALOGS = ".p-dialog-mask, [role=dialog][data-state=open]"  # PrimeVue's dialogs (1.25, 1.3x) and reka's (1.49)
@@ -369,6 +415,15 @@ def test_shipped_workflow_opens_from_the_template_browser(tab, name):
     assert tab.page_errors == []
     assert overlaps(tab) == []
     assert overflowing_text(tab) == []
+    # opened at a zoom where the canvas draws the nodes' text (laid out compactly: the frontend fits a template to
+    # the window), every title and label drawn whole
+    assert tab.evaluate("() => app.canvas.ds.scale") >= TEXT_ZOOM and not tab.evaluate("() => app.canvas.low_quality")
+    drawn = set(tab.evaluate(DRAWN_TEXTS))
+    for node in tab.evaluate("""() => app.graph._nodes.map(n => ({type: n.type, title: n.title,
+            labels: (n.widgets || []).filter(w => !w.element && w.type !== 'markdown' && !w.name.startsWith('$$'))
+                .map(w => w.label || w.name)}))"""):  # ($$: the frontend's own, unlabelled: an image preview)
+        assert node["type"] == "MarkdownNote" or node["title"] in drawn, node
+        assert set(node["labels"]) <= drawn, (node, sorted(drawn))
 
 
 def set_widget(page, node_type, widget, value):
@@ -730,6 +785,202 @@ def test_chinese_ui(page, ui_server):
     assert help_overflow(page, heading) == []
     assert overflowing_text(page) == []  # the selected node's counter keeps its node's width beside the panel
     screenshot(page, "chinese_ui")
+
+
+# --- the page on each frontend, with Nodes 2.0 off and on ------------------------------------------------------
+# The host's own frontend (ComfyUI 0.33.0 pins 1.49.6) and, where tests/run.sh provides it (CNSD_NEXT_FRONTEND:
+# the static folder of comfyui-frontend-package 1.58.1, ComfyUI's newest frontend on PyPI, installed into the test
+# cache apart from the host's environment), the next one, served by a second ComfyUI with --front-end-root. Each
+# with the classic canvas and with Vue-rendered nodes (setting Comfy.VueNodes.Enabled, "Nodes 2.0"). ComfyUI
+# 0.3.52's pinned frontend (1.25) has no Vue-rendered nodes and run.sh gives that host no other frontend: there
+# only its own frontend's classic variant is generated.
+NEXT_FRONTEND = os.environ.get("CNSD_NEXT_FRONTEND", "")
+with open(os.path.join(os.environ["COMFYUI_PATH"], "comfyui_version.py"), encoding="utf-8") as _f:
+    HOST = tuple(int(p) for p in re.search(r'__version__ = "([\d.]+)"', _f.read()).group(1).split("."))
+FRONTEND_VARIANTS = [pytest.param(frontend, nodes2, id=f"{frontend}-{'nodes2' if nodes2 else 'classic'}")
+                     for frontend in ("host", *(("next",) if NEXT_FRONTEND else ()))
+                     for nodes2 in ((False, True) if HOST >= (0, 33) else (False,))]
+VARIANT_VIEWPORT = (1600, 1000)  # the window the issue measured the templates' zoom in
+# LiteGraph draws a node's text only above a zoom (frontend setting LiteGraph.Canvas.MinFontSizeForLOD, 8 px of a
+# 14 px font by default: 0.57); a template must open above it
+TEXT_ZOOM = 0.6
+
+
+@pytest.fixture(scope="module")
+def frontend_servers(ui_server, tmp_path_factory):
+    """{"host": the shared server, "next": a second ComfyUI with the next frontend (started on first use), with
+    the shared server's models and input pictures}."""
+    import contextlib
+    import shutil
+
+    from comfy_server import ComfyServer
+    servers = {"host": ui_server}
+    with contextlib.ExitStack() as stack:
+        def get(name):
+            if name not in servers:
+                assert name == "next" and NEXT_FRONTEND, name
+                assert os.path.isfile(os.path.join(NEXT_FRONTEND, "index.html")), NEXT_FRONTEND
+                work = tmp_path_factory.mktemp("next-frontend")
+                shutil.copytree(os.path.join(ui_server.workdir, "input"), work / "input")
+                server = ComfyServer(os.environ["COMFYUI_PATH"], str(work),
+                                     {kind: str(folder) for kind, folder in ui_server.models.items()},
+                                     env={"PYTHONWARNINGS": "default"}, extra_args=["--front-end-root", NEXT_FRONTEND])
+                servers[name] = stack.enter_context(server)
+            return servers[name]
+        yield get
+        for name, server in servers.items():
+            assert pack_warnings(server.log_text()) == [], name
+
+
+@pytest.fixture(scope="module")
+def variant_pages(browser, frontend_servers):
+    """One tab per (frontend, Nodes 2.0), opened on first use, the previous variant's closed (its tests ran)."""
+    current = {}
+
+    def page_for(frontend, nodes2):
+        key = (frontend, nodes2)
+        if key not in current:
+            for page in current.values():
+                page.context.close()
+            current.clear()
+            current[key] = open_page(browser, frontend_servers(frontend), nodes2=nodes2, viewport=VARIANT_VIEWPORT)
+        return current[key]
+    try:
+        yield page_for
+    finally:
+        for page in current.values():
+            page.context.close()
+        frontend_servers("host").post("/settings", {"Comfy.VueNodes.Enabled": False})
+
+
+@pytest.fixture
+def variant(variant_pages, request):
+    """The variant's tab, emptied; afterwards no deprecation notice from the pack, no failed request of the pack's
+    files or routes, no page error."""
+    frontend, nodes2 = request.node.callspec.params["frontend"], request.node.callspec.params["nodes2"]
+    page = variant_pages(frontend, nodes2)
+    close_dialogs(page)
+    page.evaluate("() => { app.graph.clear(); app.canvas.setDirty(true, true); }")
+    page.page_errors.clear()
+    page.failed_requests.clear()
+    version = frontend_version(page)
+    if frontend == "next":
+        assert version == (1, 58, 1), version
+    assert page.evaluate("() => app.extensionManager.setting.get('Comfy.VueNodes.Enabled')") is nodes2
+    yield page
+    assert deprecations(page) == []
+    assert pack_failed_requests(page) == []
+    assert page.page_errors == []
+
+
+def vue_rendered(page):
+    return page.evaluate("() => document.querySelectorAll('.lg-node').length")
+
+
+# every text the canvas draws in one frame (fillText), to see that titles and labels are drawn, and drawn whole
+DRAWN_TEXTS = """() => {
+    const drawn = new Set(), fill = CanvasRenderingContext2D.prototype.fillText;
+    CanvasRenderingContext2D.prototype.fillText = function (text, ...rest) { drawn.add(String(text)); return fill.call(this, text, ...rest); };
+    try { app.canvas.setDirty(true, true); app.canvas.draw(true, true); }
+    finally { CanvasRenderingContext2D.prototype.fillText = fill; }
+    return Array.from(drawn);
+}"""
+
+# the Vue-rendered nodes' texts that do not fit their box (cut with an ellipsis or clipped)
+CUT_DOM_TEXTS = """() => Array.from(document.querySelectorAll('.lg-node *')).filter(e => !e.children.length
+    && e.textContent.trim() && e.offsetParent && e.tagName !== 'TEXTAREA' && e.scrollWidth > e.clientWidth + 1)
+    .map(e => `${e.textContent.trim()}: ${e.scrollWidth} > ${e.clientWidth}`)"""
+
+
+@pytest.mark.parametrize("frontend, nodes2", FRONTEND_VARIANTS)
+def test_txt2img_template_opens_readable(variant, frontend, nodes2):
+    """The shipped txt2img template from the template browser in a 1600×1000 window: at a zoom where its text is
+    drawn, every node's title and every widget's label drawn whole (the loader's model_folder included)."""
+    open_template(variant, "chinese_sd_txt2img")
+    variant.wait_for_timeout(1000)
+    assert graph_problems(variant) == []
+    scale = variant.evaluate("() => app.canvas.ds.scale")
+    assert scale >= TEXT_ZOOM, scale
+    nodes = variant.evaluate("""() => app.graph._nodes.map(n => ({type: n.type, title: n.title,
+        labels: (n.widgets || []).filter(w => !w.element && w.type !== 'markdown' && !w.name.startsWith('$$'))
+            .map(w => w.label || w.name)}))""")
+    assert {"ChineseSD_ModelScopeLoader", "ChineseSD_CLIPTextEncode", "KSampler"} <= {n["type"] for n in nodes}
+    if nodes2:
+        assert vue_rendered(variant) == len(nodes)
+        texts = variant.evaluate("() => document.querySelector('.graph-canvas-container, body').innerText")
+        for node in nodes:
+            assert node["title"] in texts, node
+            # the pack's widgets by their labels (Vue nodes show e.g. KSampler's "control after generate" as an icon)
+            for label in node["labels"] if node["type"].startswith("ChineseSD_") else ():
+                assert label in texts, (node["type"], label)
+        assert variant.evaluate(CUT_DOM_TEXTS) == []
+    else:
+        assert not variant.evaluate("() => app.canvas.low_quality")
+        drawn = set(variant.evaluate(DRAWN_TEXTS))
+        for node in nodes:
+            if node["type"] != "MarkdownNote":
+                assert node["title"] in drawn, (node, sorted(drawn))
+            for label in node["labels"]:
+                assert label in drawn, (node["type"], label, sorted(t for t in drawn if "…" in t or "..." in t))
+    if SCREENSHOTS:
+        variant.screenshot(path=os.path.join(IMAGES, f"txt2img_{frontend}_{'nodes2' if nodes2 else 'classic'}.png"))
+
+
+@pytest.mark.parametrize("frontend, nodes2", FRONTEND_VARIANTS)
+def test_counter_counts_on_each_frontend(variant, frontend, nodes2):
+    """The counter of an encode node wired to the loader counts what is typed and warns of truncation, reading the
+    node's links the way the frontend asks (no deprecation notice from the pack: the variant fixture). With Nodes
+    2.0 the counter takes only the lines it shows (no fixed 52 px), and the prompt box keeps its minimum height."""
+    node_id = add_encode_node(variant)
+    variant.evaluate("""(id) => { const loader = LiteGraph.createNode('ChineseSD_ModelScopeLoader');
+        loader.pos = [-200, 160]; app.graph.add(loader); loader.connect(1, app.graph.getNodeById(id), 0); }""", node_id)
+    focus_node(variant, node_id)
+    for text, tokens in (("中国山水画", "5"), (LONG_PROMPT, "72")):
+        variant.evaluate("([id, t]) => { app.graph.getNodeById(id).widgets.find(w => w.name === 'text').value = t; }",
+                         [node_id, text])
+        variant.wait_for_function("([id, n]) => document.querySelector(`.chinese-sd-token-counter[data-node-id=\"${id}\"]`)"
+                                  "?.dataset.tokens === n", arg=[str(node_id), tokens], timeout=15_000)
+    box = counter(variant, node_id)
+    assert box.locator(".chinese-sd-token-count").inner_text() == "72 / 50"
+    assert "22" in box.locator(".chinese-sd-token-warning").inner_text()
+    if nodes2:
+        assert vue_rendered(variant) == 2
+        # the counter: the count line and the warning's two lines, nothing reserved beyond them
+        lines = box.evaluate("e => Math.round(e.getBoundingClientRect().height / parseFloat(getComputedStyle(e).lineHeight))")
+        assert lines <= 3, lines
+        variant.evaluate("([id]) => { app.graph.getNodeById(id).widgets.find(w => w.name === 'text').value = '中国'; }",
+                         [node_id])
+        variant.wait_for_function("(id) => document.querySelector(`.chinese-sd-token-counter[data-node-id=\"${id}\"]`)"
+                                  "?.dataset.tokens === '2'", arg=str(node_id), timeout=15_000)
+        variant.wait_for_timeout(300)
+        height = box.evaluate("e => e.getBoundingClientRect().height")
+        assert height <= 16 * 2 + 8, height  # a short prompt: its count line (and a note at most)
+        # the prompt box keeps at least the frontend's own minimum height for a text box (64 px: four lines)
+        prompt = variant.evaluate("""(id) => document.querySelector(`.lg-node[data-node-id="${id}"] textarea`)
+            ?.getBoundingClientRect().height""", str(node_id))
+        assert prompt is not None and prompt >= 64, prompt
+        # a Vue-rendered node pads its widgets: the counter is narrower than its node by design, its text must fit
+        assert [f for f in overflowing_text(variant) if "its node" not in f] == []
+        assert variant.evaluate(CUT_DOM_TEXTS) == []  # the loader's labels at its default width included
+    else:
+        assert overflowing_text(variant) == []
+        # the loader at its default width draws its labels whole (model_folder beside the model's long folder name)
+        labels = variant.evaluate("""() => { const n = app.graph._nodes.find(n => n.type === 'ChineseSD_ModelScopeLoader');
+            app.canvas.ds.scale = 1; app.canvas.ds.offset = [300 - n.pos[0], 200 - n.pos[1]];  // on screen
+            return n.widgets.map(w => w.label || w.name); }""")
+        assert "model_folder" in labels and set(labels) <= set(variant.evaluate(DRAWN_TEXTS)), labels
+
+
+@pytest.mark.parametrize("frontend, nodes2", FRONTEND_VARIANTS)
+def test_help_page_found_at_the_first_url_asked(variant, frontend, nodes2):
+    """The encode node's help page in English: the frontend's first request (docs/<node ID>/en.md) finds it."""
+    asked = []
+    variant.on("request", lambda r: asked.append(r.url) if "/docs/" in r.url else None)
+    open_help(variant, "ChineseSD_CLIPTextEncode")
+    heading = first_heading("ChineseSD_CLIPTextEncode", "en")
+    variant.wait_for_function("(t) => Array.from(document.querySelectorAll('h1')).some(e => e.textContent.trim() === t)",
+                              arg=heading, timeout=20_000)
+    assert asked and asked[0].endswith(f"{PACK_URL}docs/ChineseSD_CLIPTextEncode/en.md"), asked
 
 
 def test_the_server_log_has_no_warning_from_the_pack(ui_server):

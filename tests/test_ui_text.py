@@ -18,7 +18,7 @@ CJK = re.compile("[\u3400-\u9fff]")
 # vue-i18n (the frontend's translator) reads these as message syntax: {name} interpolation, @:linked messages,
 # | plural forms; a translation holding one is shown broken or not at all
 I18N_SYNTAX = re.compile(r"[{}@|]")
-HELP_LOCALES = ("zh",)
+HELP_LOCALES = ("en", "zh")  # the frontend asks <node ID>/<locale>.md first: no 404 for these
 CHINESE_NAME = "中文 Stable Diffusion"  # the pack's one Chinese name: category, template section, texts
 
 
@@ -144,6 +144,8 @@ def test_every_node_has_help_pages_in_english_and_chinese(info):
     zh = read_json("locales", "zh", "nodeDefs.json")
     for node_id in NODE_IDS:
         english = read_text("web", "docs", f"{node_id}.md")
+        # the English UI's first fetch (<node ID>/en.md) finds the page; <node ID>.md is the other languages' fallback
+        assert read_text("web", "docs", node_id, "en.md") == english, node_id
         chinese = read_text("web", "docs", node_id, "zh.md")
         node = info[node_id]
         assert english.startswith(f"# {node['display_name']}\n")
@@ -190,7 +192,7 @@ def test_help_pages_are_served_where_the_frontend_asks(server, info):
         for locale in HELP_LOCALES:
             assert server.get(help_url(info, node_id, locale)).decode("utf-8") == \
                 read_text("web", "docs", node_id, f"{locale}.md")
-        # other locales (English included) get a 404 for <locale>.md, after which the frontend takes <node ID>.md
+        # other locales get a 404 for <locale>.md, after which the frontend takes <node ID>.md (the English page)
         with pytest.raises(urllib.error.HTTPError) as e:
             server.get(help_url(info, node_id, "ja"))
         assert e.value.code == 404

@@ -7,8 +7,9 @@
 // event "chinese_sd.encoded", nodes/token_route.py) for as long as the prompt is the text that was encoded
 // (its SHA-256 is the event's text_sha256), then the estimate again.
 //
-// Layout: the counter has a fixed height (a count line and two lines below it for the warning, an error, or
-// a note), so the node never changes size while the user types and the prompt box keeps its height.
+// Layout: on the canvas the counter has a fixed height (a count line and two lines below it for the warning, an
+// error, or a note), so the node never changes size while the user types and the prompt box keeps its height.
+// In a Vue-rendered node (Nodes 2.0) it takes only the lines it shows, leaving the prompt box the rest.
 //
 // DOM contract (kept stable for tests and styles):
 //   div.chinese-sd-token-counter[data-node-id][data-state][data-tokens][data-capacity][data-dropped]
@@ -176,10 +177,24 @@ function linkOf(graph, id) {
   return typeof links.get === "function" ? links.get(id) : links[id];
 }
 
+// The link into the node's input, or null. Frontends that have node.getInputLink(slot) are asked (1.58 warns of
+// every read of input.link); the base class's, so that a subgraph node answers for its outer input as any node
+// does. Only frontends without it have the slot's link id read.
+function linkInto(node, input) {
+  const graph = node?.graph ?? app.graph;
+  const slot = node?.inputs?.indexOf(input) ?? -1;
+  if (!graph || slot < 0) return null;
+  const getInputLink = globalThis.LiteGraph?.LGraphNode?.prototype?.getInputLink ?? node.getInputLink;
+  if (typeof getInputLink === "function") {
+    if (typeof node.isInputConnected === "function" && !node.isInputConnected(slot)) return null;
+    return getInputLink.call(node, slot) ?? null;
+  }
+  return input.link == null ? null : linkOf(graph, input.link);
+}
+
 function sourceOf(node, input) {
-  if (!input || input.link == null) return null;
   const graph = node.graph ?? app.graph;
-  const link = linkOf(graph, input.link);
+  const link = linkInto(node, input);
   if (!link) return null;
   const source = graph.getNodeById?.(link.origin_id);
   return source ? { node: source, slot: link.origin_slot } : null;
@@ -261,7 +276,7 @@ function payloadOf(node) {
   const input = inputNamed(node, "text");
   let text;
   let dynamic = widgetOf(node, "text")?.dynamicPrompts !== false;
-  if (input?.link != null) {
+  if (input && linkInto(node, input)) {
     const source = sourceOf(node, input);
     const w = source?.node?.widgets?.find((w) => typeof w.value === "string" && ["value", "text", "string"].includes(w.name));
     if (!w) return null; // counted when it runs
@@ -303,6 +318,8 @@ function ensureStyle() {
 .${CLASS} .chinese-sd-token-warning { color: #f0a020; }
 .${CLASS} .chinese-sd-token-cut-before, .${CLASS} .chinese-sd-token-cut-after { font-weight: 600; }
 .${CLASS} .chinese-sd-token-error { color: var(--error-text, #ff6b6b); }
+.lg-node .${CLASS} { height: auto; max-height: ${HEIGHT}px; }
+.lg-node .${CLASS} .chinese-sd-token-detail { height: auto; max-height: ${2 * LINE}px; }
 `;
   document.head.appendChild(style);
 }
@@ -508,6 +525,13 @@ function tick() {
   }
 }
 
+// The room the counter takes: fixed on the canvas (the node never changes size while the user types); in a
+// Vue-rendered node ("Nodes 2.0", which sizes a node to its content) only the lines it shows, so that the prompt
+// box keeps the rest
+function height(root) {
+  return (root.closest?.(".lg-node") ? root.offsetHeight || LINE + 4 : HEIGHT) + 2 * MARGIN;
+}
+
 function attach(node) {
   if (typeof node.addDOMWidget !== "function" || widgetOf(node, WIDGET)) return;
   const parts = buildElement(node);
@@ -519,9 +543,9 @@ function attach(node) {
     serialize: false,
     getValue: () => "",
     setValue: () => {},
-    getMinHeight: () => HEIGHT + 2 * MARGIN,
-    getMaxHeight: () => HEIGHT + 2 * MARGIN,
-    getHeight: () => HEIGHT + 2 * MARGIN,
+    getMinHeight: () => height(parts.root),
+    getMaxHeight: () => height(parts.root),
+    getHeight: () => height(parts.root),
     margin: MARGIN,
   });
   widget.serialize = false;
