@@ -96,7 +96,9 @@ def test_reloading_models_does_not_leak_memory(server, ws):
         # the loader's inputs changed, so it really loaded the models again (nothing came from the cache)
         assert {"load", "pos", "neg", "sample", "decode"} <= executed_nodes(ws, entry["prompt"][1])
         rss.append(proc.memory_info().rss)
-        warm = 2 * len(RELOADS)  # two alternations: the allocator's arenas have grown to their working size
+        # three alternations: the allocator's arenas have grown to their working size (a CI run of 0.3.52 beside
+        # 0.33 reached it only at cycle 5: 1405, 1482, 1411, 1482, 1559, 1633 MiB, then flat at ~1,610-1,715 here)
+        warm = 3 * len(RELOADS)
         if cycle >= warm:  # a leak fails as soon as it shows, before it fills a shared machine's memory
             baseline = max(rss[:warm])
             # the least of the last alternation: a leak raises every cycle's RSS, while the allocator's
