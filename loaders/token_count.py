@@ -39,25 +39,16 @@ def inner_tokenizer(tokenizer):
     return getattr(tokenizer, chinese_clip.NAME)
 
 
-def tokenize(tokenize_fn, text, long_prompt="truncate"):
-    """(windows for the encode, count stats) from one tokenization: tokenize_fn is a CLIP's .tokenize or a
-    ChineseCLIPTokenizerSet's .tokenize_with_weights. Raises PromptError for prompts the encode refuses."""
-    report = {}
-    tokens = tokenize_fn(text, tokenizer_options={chinese_clip.LONG_PROMPT_OPTION: long_prompt,
-                                                  chinese_clip.REPORT_OPTION: report})
-    return tokens, report
-
-
 def count(tokenizer, text, long_prompt="truncate"):
-    """Count a prompt with a ChineseCLIPTokenizerSet: see `stats`. Raises PromptError for prompts the encode
-    node refuses."""
-    _, report = tokenize(tokenizer.tokenize_with_weights, text, long_prompt)
-    return stats(report["windows"], inner_tokenizer(tokenizer), long_prompt, report["limited"])
+    """Count a prompt with a ChineseCLIPTokenizerSet (or a CLIP's .tokenizer): see `stats`. Raises PromptError for
+    prompts the encode node refuses."""
+    inner = inner_tokenizer(tokenizer)
+    return stats(inner.windows(text, long_prompt), inner, long_prompt)
 
 
-def stats(windows, tokenizer, long_prompt="truncate", limited=False):
-    """What a prompt uses of the window, for a long_prompt mode, from the windows its tokenization made (every
-    window, also those truncate mode drops: what chinese_clip.REPORT_OPTION reports).
+def stats(windows, tokenizer, long_prompt="truncate"):
+    """What a prompt uses of the window, for a long_prompt mode, from every window its tokenization made (also
+    those truncate mode drops: ChineseCLIPTokenizer.windows).
 
     tokenizer: the ChineseCLIPTokenizer that made the windows. Returns a dict:
       tokens      prompt tokens in all (without [CLS]/[SEP]/[PAD]; an embedding counts one per vector)
@@ -67,7 +58,6 @@ def stats(windows, tokenizer, long_prompt="truncate", limited=False):
       capacity    per_window * windows
       kept        tokens the encode uses; dropped: the others (truncate mode only)
       cut_before  the last kept tokens as text, cut_after the first dropped ones ('' when none are dropped)
-      limited     the tokenizer stopped before the prompt's end: tokens and dropped are lower bounds
     """
     special = {tokenizer.start_token, tokenizer.end_token, tokenizer.pad_token}
     content = [[t[0] for t in w if not _is_special(t[0], special)] for w in windows]
@@ -84,7 +74,7 @@ def stats(windows, tokenizer, long_prompt="truncate", limited=False):
         after = _text(rest, tokenizer, tail=False)
     return {"tokens": total, "window": tokenizer.max_length, "per_window": per_window, "windows": len(used),
             "capacity": per_window * len(used), "kept": kept, "dropped": dropped, "long_prompt":
-            "truncate" if truncate else "chunk", "cut_before": before, "cut_after": after, "limited": bool(limited)}
+            "truncate" if truncate else "chunk", "cut_before": before, "cut_after": after}
 
 
 def _is_special(token, special):
@@ -119,13 +109,12 @@ def _cjk(char):
 def summary(result):
     """The one-line count, e.g. 'tokens: 38 / 50',
     'tokens: 63 / 50, 13 dropped: kept up to "…中国山水画", dropped from "大雾弥漫…"' (truncate),
-    'tokens: 120 / 150, 3 windows' (chunk) or 'tokens: 1000+ / 50, 950+ dropped: …' (a lower bound)."""
-    more = "+" if result.get("limited") else ""
-    line = f"tokens: {result['tokens']}{more} / {result['capacity']}"
+    'tokens: 120 / 150, 3 windows' (chunk)."""
+    line = f"tokens: {result['tokens']} / {result['capacity']}"
     if result["long_prompt"] == "chunk" and result["windows"] > 1:
         line += f", {result['windows']} windows"
     if result["dropped"]:
-        line += (f", {result['dropped']}{more} dropped: kept up to \"…{result['cut_before']}\", dropped from "
+        line += (f", {result['dropped']} dropped: kept up to \"…{result['cut_before']}\", dropped from "
                  f"\"{result['cut_after']}…\"")
     return line
 

@@ -77,18 +77,11 @@ class ChineseCLIPTextEncode(io.ComfyNode):
         if clip is None:
             raise RuntimeError("ERROR: clip input is invalid: None\n\nIf the clip is from a checkpoint loader node "
                                "your checkpoint does not contain a valid clip or text encoder model.")
-        tokens, report = token_count.tokenize(clip.tokenize, text, long_prompt)
+        tokens = clip.tokenize(text, tokenizer_options={chinese_clip.LONG_PROMPT_OPTION: long_prompt})
         recipe = chinese_clip.recipe_of(clip)
-        if recipe is not None and "windows" in report:  # the pack's CLIP: its tokenizer reported what it made
-            stats = token_count.stats(report["windows"], token_count.inner_tokenizer(clip.tokenizer), long_prompt,
-                                      report["limited"])
-            if stats["dropped"]:
-                log.warning("Chinese-CLIP Text Encode: the prompt is longer than %d tokens: %s%d tokens were dropped "
-                            "(truncate mode, as the reference pipeline does). Choose 'chunk' to keep them.",
-                            stats["window"], "at least " if stats["limited"] else "", stats["dropped"])
-            node_id = cls.hidden.unique_id if cls.hidden else None
-            if node_id is not None:
-                send_encoded(encoded_event(node_id, recipe, text, stats))
+        node_id = cls.hidden.unique_id if cls.hidden else None
+        if recipe is not None and node_id is not None:  # the pack's CLIP: the count for the node's counter
+            send_encoded(encoded_event(node_id, recipe, text, token_count.count(clip.tokenizer, text, long_prompt)))
         return io.NodeOutput(clip.encode_from_tokens_scheduled(tokens))
 
 

@@ -1,8 +1,9 @@
 """Prompts as users and strangers type them, generated: arbitrary Unicode (lone surrogates, control
-characters, 100,000 characters), ComfyUI's weighting syntax with any number in it, embeddings good and bad,
+characters, prompts at and over the MAX_CHARS limit), ComfyUI's weighting syntax with any number in it, embeddings good and bad,
 in both long_prompt modes. The encode node gives conditioning of the right shape, always finite, in time
 linear in the prompt's length, or refuses the prompt with one PromptError line when its weights are not
-finite numbers within bounds, an embedding holds NaN, or chunk mode would need more than MAX_WINDOWS windows."""
+finite numbers within bounds, an embedding holds NaN, chunk mode would need more than MAX_WINDOWS windows, or it
+is longer than MAX_CHARS characters."""
 
 import os
 import time
@@ -60,7 +61,8 @@ def check_prompt(clip, text, mode, seconds=120):
         # only weights (parentheses), a NaN embedding or, in chunk mode, more windows than the limit are
         # reasons to refuse a prompt
         too_long = mode == "chunk" and f"at most {chinese_clip.MAX_WINDOWS} windows" in message
-        assert "(" in text or "embedding:" in text or too_long, message
+        over = len(text) > chinese_clip.MAX_CHARS and message.startswith(f"The prompt is {len(text):,} characters")
+        assert "(" in text or "embedding:" in text or too_long or over, message
         STATS[f"prompts ({mode})"]["refused"] += 1
         return None
     assert cond.shape == (1, REFERENCE_LENGTH * (windows if mode == "chunk" else 1), HIDDEN)
@@ -137,16 +139,19 @@ LONG = [("中",), ("(",), ("((((x))))",), ("(词:1.2)",), ("\ud800",), ("embeddi
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("unit", [u for (u,) in LONG], ids=[f"long{i}" for i in range(len(LONG))])
-def test_100000_character_prompts(clip, mode, unit):
-    text = (unit * (100_000 // len(unit) + 1))[:100_000]
+def test_prompts_at_and_over_the_character_limit(clip, mode, unit):
+    limit = chinese_clip.MAX_CHARS
+    text = (unit * (limit // len(unit) + 1))[:limit]
     check_prompt(clip, text, mode)
+    with pytest.raises(PromptError, match=f"^The prompt is {limit + 1:,} characters long; at most {limit:,}"):
+        encode(clip, text + "猫", mode)
 
 
 @fuzz_settings(6)
 @given(unit=st.lists(st.sampled_from(FRAGMENTS[:17]) | any_text, min_size=1, max_size=12).map("".join)
        .filter(lambda u: len(u.strip()) > 0))
 def test_time_is_linear_in_prompt_length(clip, unit):
-    """Encoding a prompt 16 times as long (both modes) costs at most ~16x (CPU time, best of 3, with a wide
+    """Encoding a prompt 16 times as long (both modes, up to MAX_CHARS) costs at most ~16x (CPU time, best of 3, with a wide
     margin for noise): no part of the pipeline is quadratic in the prompt."""
     def cpu_seconds(text):
         best = float("inf")
@@ -160,8 +165,8 @@ def test_time_is_linear_in_prompt_length(clip, unit):
             best = min(best, time.process_time() - start)
         return best
 
-    small = (unit * (4000 // len(unit) + 1))[:4000]
-    large = (unit * (64000 // len(unit) + 1))[:64000]
+    small = (unit * (600 // len(unit) + 1))[:600]
+    large = (unit * (9600 // len(unit) + 1))[:9600]
     t_small, t_large = cpu_seconds(small), cpu_seconds(large)
     STATS["prompts (linear time)"]["checked"] += 1
-    assert t_large <= 48 * t_small + 1.0, f"{t_large:.2f}s for 64000 characters vs {t_small:.2f}s for 4000"
+    assert t_large <= 48 * t_small + 1.0, f"{t_large:.2f}s for 9600 characters vs {t_small:.2f}s for 600"

@@ -1,6 +1,6 @@
-"""Bounded prompts (issue 14): truncate mode reads a prompt only as far as its first window and a bounded count
-need, chunk mode refuses more than MAX_WINDOWS windows, and cutting a prompt short never changes its tokens:
-ComfyUI's weighting syntax, escapes and embeddings are read as on the whole prompt."""
+"""Long prompts (issues 14, 23): a prompt is tokenized whole by ComfyUI's own SDTokenizer (weighting syntax,
+escapes and embeddings as ComfyUI reads them), truncate mode keeps its first window, chunk mode refuses more than
+MAX_WINDOWS windows, and a prompt over MAX_CHARS characters is refused in both modes with one clear message."""
 
 import os
 
@@ -53,25 +53,28 @@ def comparable(windows):
 
 
 def whole(tokenizer, text):
-    """ComfyUI's own tokenization of the whole text (what the pack's bounded tokenization must agree with)."""
+    """ComfyUI's own tokenization of the whole text (what the pack's tokenization must agree with)."""
     return sd1_clip.SDTokenizer.tokenize_with_weights(tokenizer, chinese_clip.clean(text), True)
 
 
-def test_a_million_character_prompt_encodes_as_its_first_thousand_characters(clip):
+def test_a_prompt_over_the_character_limit_is_refused_in_both_modes(clip):
+    limit = chinese_clip.MAX_CHARS
     line = "一只可爱的猫咪坐在窗台上，阳光明媚，高清摄影 a cute cat, 8K "
-    text = (line * (1_000_000 // len(line) + 1))[:1_000_000]
-    long, short = encode(clip, text), encode(clip, text[:1000])
-    assert long.shape == (1, REFERENCE_LENGTH, HIDDEN)
-    assert torch.equal(long, short)
+    text = (line * (limit // len(line) + 1))[:limit]
+    assert torch.equal(encode(clip, text), encode(clip, text[:200]))  # at the limit: read, truncated to a window
+    for mode in chinese_clip.LONG_PROMPT_MODES:
+        with pytest.raises(PromptError) as e:
+            encode(clip, text + "猫", mode)
+        assert str(e.value).startswith(f"The prompt is {limit + 1:,} characters long; at most {limit:,} are read")
+        assert "\n" not in str(e.value)
 
 
-def test_a_weight_group_spanning_the_cut_keeps_its_weight(clip, tokenizer):
-    """A group far longer than what truncate mode reads: ComfyUI's parse of the whole group decides its weight."""
-    text = "(" + "山水画" * 5000 + ":1.3) 猫"
-    windows, _ = tokenizer.tokenize_bounded(text, 1, first_cut=100)
-    assert content(windows) >= 15000  # no cut inside the group: all of it was read
-    weights = {round(w, 4) for _, w, i in windows[0] if i}
-    assert weights == {1.3}
+def test_a_weight_group_longer_than_the_window_keeps_its_weight(clip, tokenizer):
+    """ComfyUI's parse of the whole group decides the weight of the part truncate mode keeps."""
+    text = "(" + "山水画" * 1000 + ":1.3) 猫"
+    windows = tokenizer.windows(text)
+    assert content(windows) == 3001
+    assert {round(w, 4) for _, w, i in windows[0] if i} == {1.3}
     assert torch.equal(encode(clip, text), encode(clip, "(" + "山水画" * 20 + ":1.3)"))
 
 
@@ -80,46 +83,23 @@ def test_chunk_mode_refuses_more_windows_than_the_limit(clip, tokenizer):
     per = REFERENCE_LENGTH - 2
     fits = "山" * (per * limit)
     assert encode(clip, fits, "chunk").shape == (1, REFERENCE_LENGTH * limit, HIDDEN)
-    for text in (fits + "水", "山" * 1_000_000):
-        with pytest.raises(PromptError, match=f"at most {limit} windows") as e:
-            encode(clip, text, "chunk")
-        assert "\n" not in str(e.value)
-    # truncate mode takes either
-    assert torch.equal(encode(clip, "山" * 1_000_000), encode(clip, fits))
+    with pytest.raises(PromptError, match=f"needs {limit + 1} windows .* at most {limit} windows") as e:
+        encode(clip, fits + "水", "chunk")
+    assert "\n" not in str(e.value)
+    # truncate mode takes it, and keeps the first window
+    assert torch.equal(encode(clip, fits + "水"), encode(clip, fits[:per]))
 
 
-def test_the_count_is_exact_within_the_bound_and_a_lower_bound_beyond(tokenizer):
+def test_the_count_is_exact(tokenizer):
     tokenizer_set = token_count.tokenizer_set()
-    exact = token_count.count(tokenizer_set, "山" * 300)
-    assert (exact["tokens"], exact["kept"], exact["dropped"], exact["limited"]) == (300, 50, 250, False)
-    assert token_count.summary(exact).startswith("tokens: 300 / 50, 250 dropped")
-    bound = token_count.count(tokenizer_set, "山" * 1_000_000)
-    assert bound["limited"] and 50 * chinese_clip.COUNT_WINDOWS <= bound["tokens"] < 1_000_000
-    assert bound["kept"] == 50 and bound["dropped"] == bound["tokens"] - 50
-    assert token_count.summary(bound).startswith(f"tokens: {bound['tokens']}+ / 50, {bound['dropped']}+ dropped")
-
-
-def test_a_group_short_at_the_cut_but_long_in_full_is_split_as_in_full(tokenizer):
-    """48 one-token weighted groups, then a long plain part: cut after two of its characters, that part is a short
-    group that moves whole to the second window; in full it is long and ComfyUI splits it into the first."""
-    text = "(山:1.1)" * 48 + " " + "水" * 400
-    reference = whole(tokenizer, text)
-    for first_cut in range(300, 400, 3):
-        ours, limited = tokenizer.tokenize_bounded(text, 1, first_cut=first_cut)
-        assert limited and comparable(ours[:1]) == comparable(reference[:1]), first_cut
-
-
-def test_cuts_fall_where_the_text_before_them_cannot_change():
-    cut = chinese_clip.safe_cut
-    assert cut("abc def", 1) == 3                     # at the next whitespace
-    assert cut("中国山水", 1) == 1                     # before any CJK character
-    assert cut("中国山水", 1, split_chinese=False) == 4  # unless the tokenizer keeps them in words
-    assert cut("(a b c) d", 1) == 7                   # never inside a weighting group
-    assert cut("\\(a b c) d", 1) == 3                 # an escaped parenthesis is text
-    assert cut("x embedding:good more", 2) == 16      # never inside an embedding's name
-    assert cut("x embedding:  good more", 2) == 18    # whitespace before the name belongs to the reference
-    assert cut("ab\x1fcd e", 1) == 5                  # a control character is no word boundary to BERT
-    assert cut("a\u3000b", 1) == 1                    # an ideographic space is
+    exact = token_count.count(tokenizer_set, "山" * 300 + "水" * 7)
+    assert (exact["tokens"], exact["kept"], exact["dropped"], exact["windows"]) == (307, 50, 257, 1)
+    assert token_count.summary(exact) == 'tokens: 307 / 50, 257 dropped: kept up to "…山山山山山山山山", dropped from ' \
+        '"山山山山山山山山…"'
+    chunk = token_count.count(tokenizer_set, "山" * 300 + "水" * 7, "chunk")
+    assert (chunk["tokens"], chunk["kept"], chunk["dropped"], chunk["windows"], chunk["capacity"]) == \
+        (307, 307, 0, 7, 350)
+    assert token_count.summary(chunk) == "tokens: 307 / 350, 7 windows"
 
 
 PIECES = ["(", ")", "(", ")", ":1.2)", ":0.5", "\\(", "\\)", " ", "  ", "\n", "\t", "\u3000", ",", "，",
@@ -134,38 +114,41 @@ def content(windows):
     return sum(1 for w in windows for t in w if t[2])
 
 
-def test_reading_part_of_a_prompt_gives_the_tokens_of_the_whole(tokenizer):
-    """For any prompt and any place truncate/chunk mode starts cutting, the windows it settles are those of
-    ComfyUI's tokenization of the whole prompt and its count is a lower bound (when it refuses, the whole prompt
-    is refused too). Both outcomes, cut short and read whole, must occur."""
-    seen = STATS["long prompts (cut vs whole)"]
+def test_every_mode_gives_comfyuis_tokens_of_the_whole_prompt(tokenizer):
+    """For any prompt: the windows are those of ComfyUI's own tokenization of the whole (cleaned) prompt, truncate
+    mode its first, chunk mode all of them; or the prompt is refused, and then ComfyUI's tokenization fails on it
+    or it breaks one of the pack's bounds. Prompts of one window and of several, and refused ones, must occur."""
+    seen = STATS["long prompts (pack vs ComfyUI)"]
     before = dict(seen)
 
     @fuzz_settings(300)
-    @given(text=prompts, first_cut=st.integers(1, 200), settle=st.integers(1, 3))
-    @example(text="(" + "山" * 400 + ":1.2) 猫", first_cut=10, settle=1).via("a weighted group across the cut")
-    @example(text="a embedding:big " * 10, first_cut=5, settle=1).via("embeddings at the window's end")
-    @example(text="x" * 150 + " " + "猫" * 100, first_cut=20, settle=1).via("a word too long for WordPiece")
-    @example(text="山" * 49 + " supercalifragilistic " * 10, first_cut=30, settle=1).via("a group moved whole")
-    @example(text="(山:1.1)" * 48 + " " + "水" * 400, first_cut=342, settle=1).via("a short group at the cut, long in full")
-    def check(text, first_cut, settle):
+    @given(text=prompts)
+    @example(text="(" + "山" * 400 + ":1.2) 猫").via("a weighted group across the window")
+    @example(text="a embedding:big " * 10).via("embeddings at the window's end")
+    @example(text="x" * 150 + " " + "猫" * 100).via("a word too long for WordPiece")
+    @example(text="山" * 49 + " supercalifragilistic " * 10).via("a group moved whole")
+    @example(text="(山:1.1)" * 48 + " " + "水" * 400).via("a long group after short weighted ones")
+    def check(text):
+        options = {MODE: "chunk"}
         try:
-            ours, limited = tokenizer.tokenize_bounded(chinese_clip.clean(text), settle,
-                                                       first_cut=first_cut)
+            chunk = tokenizer.tokenize_with_weights(text, True, tokenizer_options=options)
         except PromptError:
-            with pytest.raises((PromptError, IndexError)):
-                chinese_clip.check_nesting(text)
-                chinese_clip.check_weights(whole(tokenizer, text))
-            seen["refused"] += 1
+            try:
+                chinese_clip.check_nesting(chinese_clip.clean(text))
+                reference = whole(tokenizer, text)
+                chinese_clip.check_weights(reference)
+            except (PromptError, IndexError):  # nested too deep, a weight out of bounds, 'embedding:' without name
+                seen["refused"] += 1
+                return
+            assert len(reference) > chinese_clip.MAX_WINDOWS, text
+            seen["refused (too many windows)"] += 1
             return
         reference = whole(tokenizer, text)
-        if limited:
-            assert comparable(ours[:settle]) == comparable(reference[:settle])
-            assert content(ours) <= content(reference)
-            seen["cut"] += 1
-        else:
-            assert comparable(ours) == comparable(reference)
-            seen["whole"] += 1
+        assert comparable(chunk) == comparable(reference)
+        truncated = tokenizer.tokenize_with_weights(text, True)
+        assert comparable(truncated) == comparable(reference[:1])
+        seen["several windows" if len(reference) > 1 else "one window"] += 1
 
     check()
-    assert seen["cut"] - before.get("cut", 0) > 10 and seen["whole"] - before.get("whole", 0) > 10, dict(seen)
+    grew = {k: seen[k] - before.get(k, 0) for k in seen}
+    assert grew.get("several windows", 0) > 10 and grew.get("one window", 0) > 10, grew

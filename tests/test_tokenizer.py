@@ -103,12 +103,19 @@ def test_no_cn_clip_import_at_run_time():
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
 
 
-def test_the_unscanned_planes_are_all_category_c():
-    """chinese_clip._classes reads the Unicode categories of planes 0-3 and 14 only and counts the rest as
-    category C (dropped): true of this Python's Unicode database, for every code point of those planes."""
-    import unicodedata
-    for start, end in chinese_clip.UNASSIGNED_PLANES:
-        other = [cp for cp in range(start, end) if unicodedata.category(chr(cp))[0] != "C"]
-        assert other == [], f"assigned code points in U+{start:X}-U+{end - 1:X}: {[hex(c) for c in other[:5]]}"
-    dropped = set(chinese_clip._classes()[0])
-    assert all(cp in dropped for start, end in chinese_clip.UNASSIGNED_PLANES for cp in (start, end - 1))
+def test_what_the_rust_tokenizer_is_given_is_per_tokenizer_and_bounded(tokenizer):
+    """ReferenceText learns, per tokenizer, how each character must be given to the Rust tokenizer: U+2B820 (a CJK
+    ideograph the Rust tokenizer does not split) is spaced for a tokenizer that splits ideographs, kept for one that
+    does not; a prompt of many distinct characters leaves at most MEMO_SIZE + its own characters remembered, and
+    what is forgotten is learnt again alike."""
+    fast = getattr(tokenizer, chinese_clip.NAME).tokenizer.fast
+    split, keep = chinese_clip.ReferenceText(fast, True, True), chinese_clip.ReferenceText(fast, True, False)
+    assert (split.prepare("山\U0002B820水"), keep.prepare("山\U0002B820水")) == ("山 \U0002B820 水", "山\U0002B820水")
+    size, step = chinese_clip.ReferenceText.MEMO_SIZE, 5000
+    first = None
+    for start in range(0x20000, 0x20000 + size + 4 * step, step):
+        text = "".join(map(chr, range(start, start + step)))
+        out = split.prepare(text)
+        first = first or (text, out)
+        assert len(split._seen) <= size + step
+    assert split.prepare(first[0]) == first[1] == chinese_clip.ReferenceText(fast, True, True).prepare(first[0])
