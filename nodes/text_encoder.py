@@ -1,15 +1,16 @@
 """Chinese-CLIP text encoder loader and the encode node."""
 
-import hashlib
-import logging
-
 import folder_paths
 from comfy_api.latest import io
 
 from ..loaders import chinese_clip, text_tower, token_count
 from . import choices
 
-log = logging.getLogger(__name__)
+UI_OUTPUT = "chinese_sd_tokens"  # the encode node's count, in ComfyUI's "executed" message (nodes/token_route.py)
+# ComfyUI 0.33 and later send that count again after a run that took the encode from its cache, for nodes flagged
+# so; 0.3.52 has no such flag (there the page keeps the count of the encode's last run)
+RESEND_CACHED_UI = {"has_intermediate_output": True} if "has_intermediate_output" in io.Schema.__dataclass_fields__ \
+    else {}
 
 
 class ChineseCLIPLoader(io.ComfyNode):
@@ -69,7 +70,7 @@ class ChineseCLIPTextEncode(io.ComfyNode):
             outputs=[io.Conditioning.Output(tooltip="Conditioning for KSampler's positive or negative input: one "
                                                     "52-token window (1x52x1024 for the ModelScope model), more in "
                                                     "chunk mode.")],
-            hidden=[io.Hidden.unique_id],
+            **RESEND_CACHED_UI,
         )
 
     @classmethod
@@ -78,29 +79,13 @@ class ChineseCLIPTextEncode(io.ComfyNode):
             raise RuntimeError("ERROR: clip input is invalid: None\n\nIf the clip is from a checkpoint loader node "
                                "your checkpoint does not contain a valid clip or text encoder model.")
         tokens = clip.tokenize(text, tokenizer_options={chinese_clip.LONG_PROMPT_OPTION: long_prompt})
+        conditioning = clip.encode_from_tokens_scheduled(tokens)
         recipe = chinese_clip.recipe_of(clip)
-        node_id = cls.hidden.unique_id if cls.hidden else None
-        if recipe is not None and node_id is not None:  # the pack's CLIP: the count for the node's counter
-            send_encoded(encoded_event(node_id, recipe, text, token_count.count(clip.tokenizer, text, long_prompt)))
-        return io.NodeOutput(clip.encode_from_tokens_scheduled(tokens))
+        if recipe is None:  # not the pack's CLIP: its count is not ours to tell
+            return io.NodeOutput(conditioning)
+        stats = token_count.count(clip.tokenizer, text, long_prompt)
+        info = {**token_count.worded(stats), "recipe": recipe}
+        # ComfyUI sends a node's ui output to the page in its "executed" message (also when the node's output
+        # comes from its cache): the counter's exact count, web/js/token_counter.js; the run command's line
+        return io.NodeOutput(conditioning, ui={UI_OUTPUT: [info]})
 
-
-ENCODED_EVENT = "chinese_sd.encoded"  # documented in nodes/token_route.py, beside the counter's route
-
-
-def encoded_event(node_id, recipe, text, stats):
-    """The data of the ENCODED_EVENT the encode node sends after encoding."""
-    return {"node": str(node_id), "recipe": recipe,
-            "text_sha256": hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(), **stats}
-
-
-def send_encoded(data):
-    """Send the event to the client that queued the prompt (to every client when none did); nothing happens
-    outside a running ComfyUI."""
-    try:
-        from server import PromptServer
-    except ImportError:
-        return
-    instance = getattr(PromptServer, "instance", None)
-    if instance is not None:
-        instance.send_sync(ENCODED_EVENT, data, getattr(instance, "client_id", None))

@@ -1,43 +1,37 @@
-"""HTTP side of the encode node's live token counter (web/js/token_counter.js). The pack's __init__.py imports
-this module next to WEB_DIRECTORY; `register` adds the routes to the running ComfyUI's PromptServer (imported
-without one, e.g. by the converter or the tests, it does nothing). Counting, caching and the worker thread are
-loaders/token_count.py's Counter; which file a loader's model choice names is nodes/choices.py's.
+"""The server side of the encode node's live token counter (web/js/token_counter.js): the routes the page asks
+while the user types, added to ComfyUI's server by the extension's entry (comfy_entrypoint, the pack's
+__init__.py). Counting and its wording are loaders/token_count.py's (count, summary), the same the encode node
+sends after a run (nodes/text_encoder.py: its ui output "chinese_sd_tokens", which ComfyUI sends to the page in
+its "executed" message); which file a loader's model choice names is nodes/choices.py's.
 
 POST /chinese_sd/tokens
   Request (JSON):  {"text": str, "long_prompt": "truncate" | "chunk" (default truncate),
                     "model": null | {"node": <loader node ID>, "value": <its model choice>}}
-  Answer (JSON, HTTP 200): loaders.token_count.stats' fields (tokens, window, per_window, windows, capacity,
-  kept, dropped, long_prompt, cut_before, cut_after, limited) and
-    recipe        the encode recipe counted with
+  Answer (JSON, HTTP 200): what the encode node sends after a run (token_count.count's fields, recipe, summary,
+  summary_zh) and
     tokenizer     "shipped" (the vocabulary shipped with the pack) or "model" (the chosen model's)
     model         the model choice counted with, or null
     model_error   why the chosen model's tokenizer could not be read (then counted with the shipped one), or null
-    chars, chars_counted   the prompt's length and how much of it was counted (at most token_count.MAX_CHARS)
-    limited       the counts are lower bounds (the prompt was longer than what was counted)
-    warnings      what the tokenizer warned about (e.g. an embedding that does not exist)
   A prompt the encode node would refuse gives {"error": message} (HTTP 200) with window, per_window and the
-  recipe/tokenizer fields; a malformed request {"error": message} with HTTP 400 (413 when too large, 503 when
-  busy).
+  recipe and tokenizer fields; a malformed request {"error": message} with HTTP 400 (413 when too large, 503
+  when busy).
 
 GET /chinese_sd/model_widgets
   {loader node ID: the widget holding its model choice} (nodes/choices.py MODEL_WIDGETS): which loader's
   choice the counter sends as "model".
-
-Websocket event "chinese_sd.encoded" (sent by the encode node, nodes/text_encoder.py, after each encode, to the
-client that queued the prompt, or to every client when the prompt names none):
-  {"node": <the encode node's id, str>, "recipe": <the encode recipe>, "text_sha256": <hex SHA-256 of the
-   prompt's UTF-8 text>, and the count of the encode's own tokenization: tokens, window, per_window, windows,
-   capacity, kept, dropped, long_prompt, cut_before, cut_after, limited (true: tokens/dropped are lower bounds)}
 """
 
 import asyncio
+import concurrent.futures
+import functools
 import json
 import logging
+import os
 
 import folder_paths
 
-from ..loaders import chinese_clip, token_count
-from ..loaders.errors import ModelLoadError
+from ..loaders import chinese_clip, recipe, token_count
+from ..loaders.errors import ModelLoadError, PromptError
 from . import choices
 
 log = logging.getLogger(__name__)
@@ -48,7 +42,8 @@ MAX_BODY = 4 * 2**20      # bytes of a request
 MAX_WAITING = 32          # requests queued for the worker before answering 503
 MAX_VALUE = 1024          # characters of a model choice
 
-COUNTER = token_count.Counter()
+# one thread counts, one prompt at a time: the cached tokenizers are used by no other thread
+WORKER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="chinese-sd-tokens")
 
 
 class BadRequest(ValueError):
@@ -75,16 +70,59 @@ def parse_request(body):
 
 
 def count_request(text, mode, model):
-    """The answer to one request (runs in the counter's worker thread)."""
-    source = error = None
+    """The answer to one request (in the worker thread)."""
+    embeddings = tuple(folder_paths.get_folder_paths("embeddings"))
+    tokenizer, error = None, None
     if model is not None:
         try:
-            source = choices.model_source(model["node"], model["value"])
+            kind, path = choices.model_source(model["node"], model["value"])
+            files = recipe.watched_files(path) if kind == "text_encoder" else [path]
+            tokenizer, error = _tokenizer(kind, path, _signature(files), embeddings)
         except (ModelLoadError, OSError, ValueError) as e:
-            error = str(e) if isinstance(e, ModelLoadError) else f"{type(e).__name__}: {e}"[:1000]
-    answer = COUNTER.count(text, mode, source, error, folder_paths.get_folder_paths("embeddings"))
-    answer["model"] = model
-    return answer
+            error = _message(e)
+    answer = {"tokenizer": "shipped" if tokenizer is None else "model", "model": model, "model_error": error}
+    tokenizer = tokenizer or _tokenizer(None, None, (), embeddings)[0]
+    inner = token_count.inner_tokenizer(tokenizer)
+    answer.update(window=inner.max_length, per_window=inner.max_length - 2, recipe=inner.recipe)
+    try:
+        stats = token_count.count(tokenizer, text, mode)
+    except PromptError as e:
+        return {**answer, "error": str(e)}
+    return {**answer, **token_count.worded(stats)}
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(kind, path, signature, embeddings):
+    """(ChineseCLIPTokenizerSet, None) of a model's small files, or (None, why they cannot be read); kind None:
+    the shipped vocabulary. signature (_signature of the files) makes a changed file read again."""
+    if kind is None:
+        return token_count.tokenizer_set(embedding_directory=list(embeddings)), None
+    try:
+        settings = recipe.resolve(path) if kind == "text_encoder" else recipe.resolve_checkpoint(path)
+        if settings is None:
+            raise ModelLoadError(path, "no chinese_sd text encoder metadata",
+                                 "an all-in-one checkpoint written by this pack's converter")
+        return token_count.tokenizer_set(settings, list(embeddings)), None
+    except Exception as e:  # noqa: BLE001  (files from strangers: the count goes on with the shipped vocabulary)
+        if not isinstance(e, ModelLoadError):
+            log.warning("Chinese SD token counter: cannot read the tokenizer of %s: %r", path, e)
+        return None, _message(e)
+
+
+def _signature(paths):
+    """(path, size, mtime) of each path that exists: changes when any of the files does."""
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        out.append((p, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def _message(error):
+    return str(error) if isinstance(error, ModelLoadError) else f"{type(error).__name__}: {error}"[:1000]
 
 
 def _answer(data, status=200):
@@ -110,7 +148,7 @@ async def handle(request):
         return _answer({"error": "busy: too many token counts waiting"}, 503)
     _waiting += 1
     try:
-        answer = await asyncio.wrap_future(COUNTER.run(count_request, text, mode, model))
+        answer = await asyncio.get_running_loop().run_in_executor(WORKER, count_request, text, mode, model)
     except Exception as e:  # noqa: BLE001  (a bug: answered as JSON, logged with its traceback)
         log.exception("Chinese SD token count failed")
         return _answer({"error": f"internal error while counting tokens ({type(e).__name__})"}, 500)
@@ -123,21 +161,16 @@ async def model_widgets(request):
     return _answer(choices.MODEL_WIDGETS)
 
 
-_registered = set()
-
-
 def register():
-    """Add the routes to the running ComfyUI's PromptServer (before it starts serving); False without one."""
+    """Add the routes to the running ComfyUI's PromptServer (before it starts serving); False without one (the
+    converter, the tests)."""
     try:
         from server import PromptServer
     except ImportError:  # not inside ComfyUI
         return False
     routes = getattr(getattr(PromptServer, "instance", None), "routes", None)
-    if routes is None:  # ComfyUI's code, but no server (the converter, tests)
+    if routes is None:
         return False
-    if id(routes) not in _registered:
-        routes.post(ROUTE)(handle)
-        routes.get(WIDGETS_ROUTE)(model_widgets)
-        _registered.add(id(routes))
-        log.debug("Chinese SD token counter at %s", ROUTE)
+    routes.post(ROUTE)(handle)
+    routes.get(WIDGETS_ROUTE)(model_widgets)
     return True

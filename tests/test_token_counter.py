@@ -1,14 +1,15 @@
 """The encode node's token counter: POST /chinese_sd/tokens on a real ComfyUI server (what the web extension asks
-while the user types), GET /chinese_sd/model_widgets, and the exact count the encode node sends after a run (the
-websocket event chinese_sd.encoded)."""
+while the user types), GET /chinese_sd/model_widgets, and the exact count the encode node sends after a run (its
+ui output "chinese_sd_tokens", in ComfyUI's "executed" message), each equal to loaders/token_count.py's count
+and summary of the same prompt."""
 
-import hashlib
 import json
 import os
 import threading
 import time
 import urllib.request
 
+import comfy_api.latest
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -109,12 +110,7 @@ def test_the_counter_and_the_loader_resolve_the_same_tokenizer_for_every_fixture
             (tower.tokenizer, tower.recipe, tower.config["hidden_size"]), path
         for text in (POEMS, "中国山水画 CAFÉ ＦＵＬＬ"):
             assert token_count.count(token_count.tokenizer_set(settings), text) == \
-                token_count.stats(*_report(clip, text)), path
-
-
-def _report(clip, text):
-    _, report = token_count.tokenize(clip.tokenize, text)
-    return report["windows"], token_count.inner_tokenizer(clip.tokenizer), "truncate", report["limited"]
+                token_count.count(clip.tokenizer, text), path
 
 
 def count(server, text, long_prompt="truncate", model=None, expect_status=200):
@@ -141,7 +137,8 @@ def test_a_chinese_prompt_counts_as_the_tokenizer_does(server, model_folders):
     assert answer["cut_before"] == answer["cut_after"] == ""
     assert answer["tokenizer"] == "shipped" and answer["model"] is None and answer["model_error"] is None
     assert answer["recipe"] == "ModelScope Chinese SD pipeline: 52 tokens, attention mask"
-    assert count(server, "")["tokens"] == 0
+    assert answer["summary"] == f"tokens: {answer['tokens']} / 50"
+    assert (count(server, "")["tokens"], count(server, "")["summary"]) == (0, "tokens: 0 / 50")
 
 
 def test_the_help_page_example_count(server):
@@ -160,9 +157,11 @@ def test_a_long_prompt_reports_the_dropped_tokens_and_the_cut(server, model_fold
     assert (answer["tokens"], answer["kept"], answer["dropped"], answer["capacity"]) == (60, 50, 10, 50)
     assert answer["cut_before"] == "".join(reference[42:50]) == "依山尽黄河入海流"
     assert answer["cut_after"] == "".join(reference[50:58]) == "欲穷千里目更上一"
+    assert answer["summary"] == 'tokens: 60 / 50, 10 dropped: kept up to "…依山尽黄河入海流", dropped from "欲穷千里目更上一…"'
     chunk = count(server, POEMS, "chunk")
     assert (chunk["tokens"], chunk["kept"], chunk["dropped"], chunk["windows"], chunk["capacity"]) == (60, 60, 0, 2, 100)
     assert chunk["cut_before"] == chunk["cut_after"] == ""
+    assert chunk["summary"] == "tokens: 60 / 100, 2 windows"
 
 
 def test_weighting_syntax_counts_as_comfyui_groups_it(server):
@@ -186,9 +185,9 @@ def test_an_embedding_counts_one_token_per_vector(server, embeddings):
     tokenizer = token_count.tokenizer_set(embedding_directory=str(embeddings))
     windows = tokenizer.tokenize_with_weights("中国 embedding:good 山水")["chinese_clip"]
     assert sum(1 for t, _ in windows[0] if not (isinstance(t, int) and t in (101, 102, 0))) == answer["tokens"]
-    # an embedding that does not exist is ignored, as the encode node does, and said on the node
+    # an embedding that does not exist is ignored, as the encode node does (ComfyUI's log says so)
     missing = count(server, "中国 embedding:nowhere 山水")
-    assert missing["tokens"] == 4 and any("nowhere" in w for w in missing["warnings"])
+    assert (missing["tokens"], missing["summary"]) == (4, "tokens: 4 / 50")
     # at the window's end the cut shows where the embedding's vectors were dropped
     cut = count(server, POEMS[:49] + " embedding:good")
     assert (cut["tokens"], cut["kept"], cut["dropped"]) == (52, 49, 3)
@@ -245,17 +244,27 @@ def test_hostile_prompts_get_a_json_answer(server, text, refused):
         assert "error" not in answer and answer["tokens"] == refused, answer
 
 
-def test_100000_characters_are_counted_within_a_bound(server):
+def expected_answer(text, long_prompt="truncate"):
+    """What the route answers for a prompt counted with the shipped vocabulary: token_count's count and summary,
+    or the encode node's refusal."""
+    try:
+        stats = token_count.count(token_count.tokenizer_set(), text, long_prompt)
+    except pack.loaders.errors.PromptError as e:
+        return {"error": str(e)}
+    return {**stats, "summary": token_count.summary(stats)}
+
+
+@pytest.mark.parametrize("long_prompt", ["truncate", "chunk"])
+def test_100000_characters_are_counted_within_a_bound(server, long_prompt):
+    """A pasted huge prompt: answered within 20 s, with what the encode node would count (or refuse)."""
+    text = "中" * 100_000
     start = time.monotonic()
-    answer = count(server, "中" * 100_000)
+    answer = count(server, text, long_prompt)
     assert time.monotonic() - start < 20
-    assert answer["limited"] is True and answer["chars"] == 100_000
-    assert answer["chars_counted"] == token_count.MAX_CHARS
-    assert 50 * pack.loaders.chinese_clip.COUNT_WINDOWS <= answer["tokens"] < answer["chars_counted"]
-    assert answer["dropped"] == answer["tokens"] - 50
-    # chunk mode: what the encode node would refuse
-    chunk = count(server, "中" * 100_000, "chunk")
-    assert f"at most {pack.loaders.chinese_clip.MAX_WINDOWS} windows" in chunk["error"]
+    expected = expected_answer(text, long_prompt)
+    assert {k: answer.get(k) for k in expected} == expected
+    if long_prompt == "chunk":  # what the encode node refuses
+        assert f"at most {pack.loaders.chinese_clip.MAX_WINDOWS} windows" in answer["error"]
 
 
 def test_the_loader_widget_table_is_served(server):
@@ -313,27 +322,37 @@ FOLDER_LOADER = {"load": {"class_type": "ChineseSD_ModelScopeLoader", "inputs": 
 RECIPE = "ModelScope Chinese SD pipeline: 52 tokens, attention mask"
 
 
-ENCODED = "chinese_sd.encoded"
-STATS_FIELDS = {"tokens", "window", "per_window", "windows", "capacity", "kept", "dropped", "long_prompt",
-                "cut_before", "cut_after", "limited"}
+UI_OUTPUT = "chinese_sd_tokens"
 
 
 def run_and_collect(server, graph):
-    """Run a graph on a websocket client; (history entry, {node id: [chinese_sd.encoded data]}, text events)."""
+    """Run a graph on a websocket client; (history entry, {node id: [its ui output chinese_sd_tokens]} of the
+    "executed" messages, text messages, ids of the nodes whose output came from the cache)."""
     with ComfySocket(server) as ws:
-        entry, _ = ws.run(graph)
-        messages = list(ws.messages)
-    events = {}
+        entry, messages = ws.run(graph)
+    outputs = {}
     for m in messages:
-        if m["type"] == ENCODED:
-            events.setdefault(m["data"]["node"], []).append(m["data"])
-    return entry, events, [m for m in messages if m["type"] == "text"]
+        if m["type"] == "executed" and UI_OUTPUT in (m["data"].get("output") or {}):
+            outputs.setdefault(m["data"]["node"], []).append(m["data"]["output"][UI_OUTPUT])
+    cached = {n for m in messages if m["type"] == "execution_cached" for n in m["data"]["nodes"]}
+    return entry, outputs, [m for m in messages if m["type"] == "text"], cached
+
+
+def model_tokenizer(server, folder, embeddings):
+    """The tokenizer set the folder loader's CLIP has, built here from the model's small files."""
+    path = os.path.join(server.models["diffusers"], folder, "text_encoder")
+    return token_count.tokenizer_set(recipe.resolve(path), str(embeddings))
 
 
 @pytest.mark.parametrize("long_prompt", ["truncate", "chunk"])
-def test_after_a_run_the_node_sends_its_exact_count(server, long_prompt):
+def test_after_a_run_the_node_sends_its_exact_count(server, embeddings, long_prompt):
+    """Each encode node's ui output is token_count's count and summary of its prompt with the model's tokenizer,
+    plus the recipe; what the counter answered while typing is the same. A second run, whose encodes come from
+    ComfyUI's cache, brings the same ui output again where ComfyUI resends a cached node's ui (0.33 and later:
+    has_intermediate_output); ComfyUI 0.3.52 sends a node's ui only when it runs."""
     texts = [POEMS, "中国山水画，远山，薄雾，水墨风格", "中国 embedding:good 山水"]
-    entry, events, text_events = run_and_collect(server, encode_graph(FOLDER_LOADER, ["load", 1], texts, long_prompt))
+    graph = encode_graph(FOLDER_LOADER, ["load", 1], texts, long_prompt)
+    entry, outputs, text_events, _ = run_and_collect(server, graph)
     assert entry["status"]["status_str"] == "success", entry["status"]
     assert text_events == []  # no progress text: it would make a box of its own on the node
     expected = {
@@ -341,35 +360,49 @@ def test_after_a_run_the_node_sends_its_exact_count(server, long_prompt):
                      "tokens: 16 / 50", "tokens: 7 / 50"],
         "chunk": ["tokens: 60 / 100, 2 windows", "tokens: 16 / 50", "tokens: 7 / 50"],
     }[long_prompt]
+    tokenizer = model_tokenizer(server, "csd_eps_safetensors", embeddings)
     model = {"node": "ChineseSD_ModelScopeLoader", "value": "csd_eps_safetensors"}
     for i, (text, line) in enumerate(zip(texts, expected)):
-        (data,) = events[f"enc{i}"]
-        assert set(data) == {"node", "recipe", "text_sha256"} | STATS_FIELDS
-        assert data["node"] == f"enc{i}" and data["recipe"] == RECIPE
-        assert data["text_sha256"] == hashlib.sha256(text.encode("utf-8")).hexdigest()
-        assert data["long_prompt"] == long_prompt and data["limited"] is False
-        assert token_count.summary(data) == line
+        ([data],) = outputs[f"enc{i}"]
+        stats = token_count.count(tokenizer, text, long_prompt)
+        assert data == {**stats, "recipe": RECIPE, "summary": line}
+        assert token_count.summary(stats) == line
         # what the counter estimated while typing is what the run counted
         answer = count(server, text, long_prompt, model=model)
-        assert {k: answer[k] for k in STATS_FIELDS} == {k: data[k] for k in STATS_FIELDS}
+        assert {k: answer[k] for k in data} == data
+        # in the history too (the page shows it when a finished prompt is opened)
+        assert entry["outputs"][f"enc{i}"][UI_OUTPUT] == [data]
 
-
-def test_after_a_run_a_huge_prompt_sends_a_lower_bound(server):
-    text = POEMS * 20_000  # 1,200,000 characters
-    entry, events, _ = run_and_collect(server, encode_graph(FOLDER_LOADER, ["load", 1], [text]))
-    assert entry["status"]["status_str"] == "success", entry["status"]
-    (data,) = events["enc0"]
-    assert data["limited"] is True and data["kept"] == 50
-    assert 50 * pack.loaders.chinese_clip.COUNT_WINDOWS <= data["tokens"] < len(text)
-    assert token_count.summary(data).startswith(f"tokens: {data['tokens']}+ / 50, {data['dropped']}+ dropped")
+    again, replayed, _, cached = run_and_collect(server, graph)
+    assert again["status"]["status_str"] == "success", again["status"]
+    assert {f"enc{i}" for i in range(len(texts))} <= cached
+    resends = "has_intermediate_output" in comfy_api.latest.io.Schema.__dataclass_fields__
+    assert replayed == (outputs if resends else {})
 
 
 def test_after_a_run_the_count_uses_the_models_own_tokenizer(server):
     loader = {"clip": {"class_type": "ChineseSD_CLIPLoader", "inputs": {
         "clip_name": "own_vocab/text_encoder", "dtype": "fp32", "device": "cpu"}}}
-    entry, events, _ = run_and_collect(server, encode_graph(loader, ["clip", 0], ["中国山水画，猫"]))
+    entry, outputs, _, _ = run_and_collect(server, encode_graph(loader, ["clip", 0], ["中国山水画，猫"]))
     assert entry["status"]["status_str"] == "success", entry["status"]
-    (data,) = events["enc0"]
-    assert (data["recipe"], token_count.summary(data)) == (RECIPE, "tokens: 3 / 50")
+    ([data],) = outputs["enc0"]
+    assert (data["recipe"], data["tokens"], data["summary"]) == (RECIPE, 3, "tokens: 3 / 50")
     model = {"node": "ChineseSD_CLIPLoader", "value": "own_vocab/text_encoder"}
-    assert count(server, "中国山水画，猫", model=model)["tokens"] == 3
+    assert count(server, "中国山水画，猫", model=model)["summary"] == "tokens: 3 / 50"
+
+
+def test_another_clip_gets_no_count():
+    """The encode node given a CLIP that is not the pack's (here a stand-in with ComfyUI's CLIP methods) encodes
+    with it and sends no count: the pack's count would be of another tokenizer."""
+    class OtherClip:
+        tokenizer = object()
+
+        def tokenize(self, text, tokenizer_options=None):
+            return {"l": [[(len(text), 1.0)]]}
+
+        def encode_from_tokens_scheduled(self, tokens):
+            return [["conditioning of", tokens]]
+
+    assert chinese_clip.recipe_of(OtherClip()) is None
+    out = pack.nodes.text_encoder.ChineseCLIPTextEncode.execute(OtherClip(), "中国山水画")
+    assert out.result == ([["conditioning of", {"l": [[(5, 1.0)]]}]],) and out.ui is None
