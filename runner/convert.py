@@ -18,6 +18,8 @@ from loaders.convert import (DTYPES, PARTS, InvalidNameError, check_name, conver
                              existing_targets, name_problem, refusal)
 from loaders.errors import ModelLoadError
 
+from .console import utf8_console
+
 log = logging.getLogger(__name__)
 
 
@@ -79,9 +81,7 @@ def _not_found(parser, looked_first=(), hint=""):
 
 
 def main(argv=None):
-    for stream in (sys.stdout, sys.stderr):  # a Chinese Windows console must not crash on any file name
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
+    utf8_console()  # a Chinese Windows console must not crash on any file name
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(
         prog="python -m runner.convert",

@@ -17,7 +17,7 @@ from loaders import download
 from . import RunError, bootstrap, options
 from .comfyui import OLDEST, PACK_DIR, check_comfyui, find_python
 from .console import say, utf8_console
-from .options import LONG_PROMPT, MAX_SEED
+from .options import LONG_PROMPT
 from .workflow import DEMO, DEMO_DEFAULTS
 
 log = logging.getLogger("chinese_sd.run")
@@ -48,11 +48,7 @@ def _checked(check):
     return convert
 
 
-_size, _cfg = _checked(options.size), _checked(options.guidance)
-
-
-def _int_in(text, lo, hi):
-    return _checked(lambda t: options.whole_number(t, lo, hi))(text)
+_steps, _seed, _size, _cfg = (_checked(c) for c in (options.steps, options.seed, options.size, options.guidance))
 
 
 class Parser(argparse.ArgumentParser):
@@ -87,10 +83,10 @@ def build_parser():
                              "downloaded from ModelScope on first use; a ModelScope/diffusers model folder; a "
                              "checkpoint .safetensors written by `python -m runner.convert`; or demo (a small model "
                              "with random weights, for a quick try)")
-    parser.add_argument("--steps", type=lambda t: _int_in(t, 1, 10000), default=None,
+    parser.add_argument("--steps", type=_steps, default=None,
                         help=f"sampling steps (50; demo {DEMO_DEFAULTS['steps']})")
     parser.add_argument("--cfg", type=_cfg, default=7.5, help="guidance scale (7.5)")
-    parser.add_argument("--seed", type=lambda t: _int_in(t, 0, MAX_SEED), default=None,
+    parser.add_argument("--seed", type=_seed, default=None,
                         help="noise seed (default: a random one, printed)")
     parser.add_argument("--width", type=_size, default=None,
                         help=f"width in pixels, a multiple of 8 (512; demo {DEMO_DEFAULTS['width']})")
@@ -140,7 +136,7 @@ def build_parser():
                        help="start ComfyUI's UI with this pack instead (the demo model and --model listed in the "
                             "loaders); Ctrl+C stops it")
     serve.add_argument("--listen", default="127.0.0.1", metavar="ADDRESS", help="address to listen on (127.0.0.1)")
-    serve.add_argument("--port", type=lambda t: _int_in(t, 1, 65535), default=8188, help="port (8188)")
+    serve.add_argument("--port", type=_checked(lambda t: options.whole_number(t, 1, 65535)), default=8188, help="port (8188)")
     return parser
 
 
