@@ -8,7 +8,7 @@
 
 Without --comfyui the first run sets up an environment of its own (Python alone: venv + pip; torch and an
 unmodified ComfyUI, in ~/.cache/comfyui-chinese-sd or %LOCALAPPDATA%\\comfyui-chinese-sd). `--help` lists the
-options; the code is in runner/ (runner/cli.py).
+options; the code is in runner/ (runner/launcher.py).
 """
 
 import os
@@ -18,7 +18,7 @@ import sys
 # sys.path by itself
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from runner.cli import main  # noqa: E402
+from runner.launcher import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

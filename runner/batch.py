@@ -31,7 +31,7 @@ from .console import ascii_only, say, show
 from .demo import DEMO_NAME
 from .process import Server, ServerDied
 from .prompts_file import BadRow
-from .workflow import DEMO, ENCODED_EVENT, LOADER_INPUT, SAVE, build_prompt, picked, token_line, ui_workflow
+from .workflow import DEMO, LOADER_INPUT, SAVE, build_prompt, picked, token_line, ui_workflow
 
 log = logging.getLogger("chinese_sd.run")
 
@@ -70,6 +70,18 @@ def choices(info, node, field):
     if isinstance(spec, list) and len(spec) > 1 and isinstance(spec[1], dict):
         return list(spec[1].get("options") or [])
     return []
+
+
+def check_names(info, sampler, scheduler):
+    """{"samplers": [...], "schedulers": [...]} of the KSampler in an /object_info answer; RunError unless they
+    have this sampler and scheduler."""
+    lists = {"samplers": choices(info, "KSampler", "sampler_name"),
+             "schedulers": choices(info, "KSampler", "scheduler")}
+    for option, given in (("--sampler", sampler), ("--scheduler", scheduler)):
+        names = lists[option[2:] + "s"]
+        if given not in names:
+            raise RunError(f"{option} {given}: not one of this ComfyUI's {option[2:]}s: {', '.join(names)}")
+    return lists
 
 
 def model_on(info, model):
@@ -111,12 +123,7 @@ def check_servers(urls, model, sampler, scheduler):
                 raise RunError(f"does not have the Chinese Stable Diffusion pack (no {', '.join(missing)} in its "
                                "/object_info): install the pack there and restart that ComfyUI")
             kind, name = model_on(info, model)
-            lists = {"samplers": choices(info, "KSampler", "sampler_name"),
-                     "schedulers": choices(info, "KSampler", "scheduler")}
-            for option, given, names in (("--sampler", sampler, lists["samplers"]),
-                                         ("--scheduler", scheduler, lists["schedulers"])):
-                if given not in names:
-                    raise RunError(f"{option} {given} is not one of its {option[2:]}s: {', '.join(names)}")
+            lists = check_names(info, sampler, scheduler)
             servers.append(server)
             found.append((kind, name, lists))
         except RunError as e:
@@ -153,8 +160,8 @@ class Job:
 
 def plan(args, rows, bad, kind, name, lists, out_dir):
     """(jobs, bad rows): each good row's settings (its values over the command's options) as a workflow, checked
-    against the sampler and scheduler lists; the picture's file: the row's `out`, else NNNNN_seedS.png (row
-    number, seed)."""
+    against the sampler and scheduler lists (None: the server checks them when a row is queued); the picture's
+    file: the row's `out`, else NNNNN_seedS.png (row number, seed)."""
     import random
 
     jobs, bad, taken = [], list(bad), {}
@@ -163,10 +170,8 @@ def plan(args, rows, bad, kind, name, lists, out_dir):
         given = argparse.Namespace(**vars(args))
         for key, value in values.items():
             setattr(given, key, value)
-        problems = [f"{option} {value!r} is not one of the server's {option}s"
-                    for option, value, names in (("sampler", given.sampler, lists["samplers"]),
-                                                 ("scheduler", given.scheduler, lists["schedulers"]))
-                    if value not in names]
+        problems = [f"{option} {getattr(given, option)!r} is not one of the server's {option}s" for option in
+                    ("sampler", "scheduler") if lists and getattr(given, option) not in lists[f"{option}s"]]
         if problems:
             bad.append(BadRow(row.number, row.line, "; ".join(problems)))
             continue
@@ -245,6 +250,29 @@ def resume(jobs):
         else:
             todo.append(job)
     return todo
+
+
+def failure(data):
+    """One line from ComfyUI's execution_error message: the node's class and its message."""
+    text = (data.get("exception_message") or "").strip() or data.get("exception_type", "error")
+    return f"{data.get('node_type') or 'ComfyUI'}: {text}"
+
+
+def picture(server, prompt_id, out):
+    """The PNG the finished prompt's SaveImage wrote (its prompt and workflow metadata inside), fetched and written
+    whole to out; RunError saying why not."""
+    entry = server.get_json(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id) or {}
+    images = entry.get("outputs", {}).get(SAVE, {}).get("images", [])
+    if not images:
+        raise RunError(f"the run ended without an image (status: {entry.get('status')})")
+    png = server.get("/view?" + urllib.parse.urlencode({k: images[0].get(k, "") for k in ("filename", "subfolder",
+                                                                                          "type")}))
+    if not png.startswith(PNG_SIGNATURE):
+        raise RunError("ComfyUI returned something that is not a PNG")
+    try:
+        write_whole(out, png)
+    except OSError as e:
+        raise RunError(f"cannot write {out}: {e.strerror or e}") from None
 
 
 def write_whole(path, data):
@@ -351,13 +379,12 @@ class Worker(threading.Thread):
             return
         prompt_id = data["prompt_id"]
         job = self.inflight[prompt_id]
-        if kind == ENCODED_EVENT:
+        if kind == "executed":
             line = token_line(data)
             if line:
                 say(f"line {job.line}: {line}")
         elif kind == "execution_error":
-            text = (data.get("exception_message") or "").strip() or data.get("exception_type", "error")
-            job.error = f"{data.get('node_type') or 'ComfyUI'}: {text}"
+            job.error = failure(data)
         elif kind == "execution_interrupted" and not self.batch.stopping:
             job.error = "interrupted on the server"
         elif kind == "executing" and data.get("node") is None:
@@ -366,23 +393,12 @@ class Worker(threading.Thread):
     def done(self, prompt_id, job):
         """The prompt ended: its picture fetched and written (or why not)."""
         status, why = "made", None
-        if job.error:
-            status, why = "failed", job.error
-        else:
-            entry = self.server.get_json(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id) or {}
-            images = entry.get("outputs", {}).get(SAVE, {}).get("images", [])
-            if not images:
-                status, why = "failed", f"the run ended without an image (status: {entry.get('status')})"
-            else:
-                query = urllib.parse.urlencode({k: images[0].get(k, "") for k in ("filename", "subfolder", "type")})
-                png = self.server.get(f"/view?{query}")
-                if not png.startswith(PNG_SIGNATURE):
-                    status, why = "failed", "ComfyUI returned something that is not a PNG"
-                else:
-                    try:
-                        write_whole(job.out, png)  # an older picture of the row under another seed stays
-                    except OSError as e:
-                        status, why = "failed", f"cannot write {job.out}: {e.strerror or e}"
+        try:
+            if job.error:
+                raise RunError(job.error)
+            picture(self.server, prompt_id, job.out)  # an older picture of the row under another seed stays
+        except RunError as e:
+            status, why = "failed", str(e)
         with self.batch.cond:
             del self.inflight[prompt_id]
             if status == "made":

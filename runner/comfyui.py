@@ -1,21 +1,29 @@
-"""A ComfyUI folder as the run command uses it: checked, its Python found, the pack made visible for one run.
+"""A ComfyUI folder as the run command uses it: checked, its Python found and probed, started with the pack and
+the model made visible for one run. Standard library only.
 
 Nothing is installed into the user's ComfyUI and none of its files is changed: the pack is shown to ComfyUI
 through an extra_model_paths.yaml whose `custom_nodes:` entry points at a private folder holding a link to
 this pack (unless the pack is installed there already), and output, input, temp and user folders are given on
-the command line (see cli.py).
+the command line.
 """
 
+import json
+import logging
 import os
 import shutil
+import subprocess
 import sys
 
-from . import RunError
+from . import RunError, bootstrap
 from .bootstrap import PACK_DIR, read_assignment, read_comfyui_version, venv_python
+from .process import ComfyProcess, comfyui_args, write_extra_paths
 
-PACK_NAME = "chinese-stable-diffusion"  # pyproject.toml's [project] name (the registry's node id)
+log = logging.getLogger("chinese_sd.run")
+
+PYPROJECT = os.path.join(PACK_DIR, "pyproject.toml")
+PACK_NAME = read_assignment(PYPROJECT, "name")  # the registry's node id
+OLDEST = read_assignment(PYPROJECT, "requires-comfyui").lstrip(">=")  # the oldest ComfyUI the pack supports
 LINK_NAME = "comfyui-chinese-sd"
-OLDEST = "0.3.52"  # the oldest ComfyUI with the V3 node API the pack uses (pyproject's requires-comfyui)
 
 
 def _version_tuple(text):
@@ -88,3 +96,71 @@ def private_custom_nodes(work):
         shutil.copytree(PACK_DIR, target, ignore=shutil.ignore_patterns(
             ".git", "tests", "benchmarks", "docs", "__pycache__", "*.png", ".ruff_cache", ".pytest_cache"))
     return folder
+
+
+PROBE = r"""
+import json, torch
+gpu = None
+if torch.cuda.is_available():
+    gpu = "cuda (" + torch.cuda.get_device_name(0) + ")"
+elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    gpu = "mps (Apple GPU)"
+elif hasattr(torch, "xpu") and torch.xpu.is_available():
+    gpu = "xpu (" + torch.xpu.get_device_name(0) + ")"
+print("CHINESE_SD_PROBE " + json.dumps({"device": gpu or "cpu", "cpu": gpu is None, "torch": torch.__version__}))
+"""
+
+
+def probe(comfyui, work):
+    """{device, cpu, torch} of this Python, asked in a child process (so that this one never holds a GPU): whether
+    ComfyUI must be started with --cpu (it stops on a machine without a GPU otherwise)."""
+    proc = subprocess.run([sys.executable, "-c", PROBE], cwd=work, stdout=subprocess.PIPE,  # noqa: S603
+                          stderr=subprocess.STDOUT, check=False)
+    out = proc.stdout.decode("utf-8", errors="replace")
+    for line in out.splitlines():
+        if line.startswith("CHINESE_SD_PROBE "):
+            return json.loads(line[len("CHINESE_SD_PROBE "):])
+    tail = "\n".join(out.splitlines()[-15:])
+    raise RunError(f"{sys.executable} cannot import torch (is it the Python of ComfyUI {comfyui}? pass --python):"
+                   f"\n{tail}")
+
+
+def link_model(work, kind, path):
+    """The model under its own name in a folder of work/ (for an extra_model_paths.yaml); returns
+    (folder to list, the name the loader lists, {path ComfyUI sees: the user's path})."""
+    folder = os.path.join(work, "models", "diffusers" if kind == "folder" else "checkpoints")
+    os.makedirs(folder, exist_ok=True)
+    name = os.path.basename(os.path.normpath(path))
+    link = os.path.join(folder, name)
+    try:
+        os.symlink(path, link, target_is_directory=kind == "folder")
+        return folder, name, {link: path}
+    except OSError:  # no symbolic links here: list the folder holding the model instead
+        return os.path.dirname(os.path.normpath(path)), name, {}
+
+
+def models_dir(args, comfyui):
+    """Where the command keeps the ModelScope model: --comfyui's models/diffusers/ (where ComfyUI's loader finds
+    and downloads it too), else the command's cache (kept when the environment is set up anew)."""
+    if args.comfyui:
+        return os.path.join(comfyui, "models", "diffusers")
+    return os.path.join(bootstrap.cache_root(), "models", "diffusers")
+
+
+def start_server(comfyui, work, args, info, folders, dirs, port, listen="127.0.0.1", log_to_file=True):
+    """ComfyUI with the pack visible (a private custom_nodes entry unless it is installed there already); in the
+    command's own environment the cache's models/diffusers/ comes first, so the loader downloads the ModelScope model
+    where the command keeps it."""
+    installed = installed_pack(comfyui)
+    if installed is None:
+        folders = {**folders, "custom_nodes": private_custom_nodes(work)}
+    elif os.path.realpath(installed) != os.path.realpath(PACK_DIR):
+        log.info("This pack is installed in that ComfyUI (%s): its nodes are used", installed)
+    configs = [write_extra_paths(os.path.join(work, "extra_model_paths.yaml"), folders, section="chinese_sd_run")]
+    if not args.comfyui:
+        configs.append(write_extra_paths(os.path.join(work, "extra_model_paths_default.yaml"),
+                                         {"diffusers": models_dir(args, comfyui)}, section="chinese_sd_models",
+                                         is_default=True))
+    cmd = comfyui_args(port, listen=listen, dirs=dirs, configs=configs, cpu=info["cpu"])
+    return ComfyProcess(comfyui, cmd, python=sys.executable, cwd=work,
+                        log_path=os.path.join(work, "comfyui.log") if log_to_file else None)

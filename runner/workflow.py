@@ -96,20 +96,15 @@ def picked(workflow, free_seed=False):
 
 
 PROMPT_NAMES = {POSITIVE: "prompt", NEGATIVE: "negative prompt"}
-ENCODED_EVENT = "chinese_sd.encoded"  # the encode node's count after each encode (nodes/token_route.py)
+TOKENS_OUTPUT = "chinese_sd_tokens"  # the encode node's UI output: its count of the prompt it encoded
 
 
 def token_line(data):
-    """The line said when an encode dropped tokens or used several windows, from the encode node's
-    chinese_sd.encoded event (its counter's numbers); None when there is nothing to say."""
+    """The line said when an encode dropped tokens or used several windows: the encode node's own summary, from its
+    UI output in ComfyUI's `executed` message; None when there is nothing to say."""
     name = PROMPT_NAMES.get(data.get("node"))
-    if name is None:
+    found = (data.get("output") or {}).get(TOKENS_OUTPUT) if name else None
+    info = found[0] if isinstance(found, list) and found and isinstance(found[0], dict) else {}
+    if not (info.get("dropped") or info.get("windows", 1) > 1):
         return None
-    if data.get("dropped"):
-        at_least = "at least " if data.get("limited") else ""
-        return (f"{name}: {at_least}{data['tokens']} tokens, a window holds {data['per_window']}: {at_least}"
-                f"{data['dropped']} dropped (--long-prompt truncate): kept up to \"…{data.get('cut_before', '')}\", "
-                f"dropped from \"{data.get('cut_after', '')}…\"; --long-prompt chunk encodes them all")
-    if data.get("windows", 1) > 1:
-        return f"{name}: {data['tokens']} tokens in {data['windows']} windows of {data['per_window']} (--long-prompt chunk)"
-    return None
+    return f"{name}: {info['summary']}" + ("; --long-prompt chunk encodes them all" if info.get("dropped") else "")

@@ -17,8 +17,11 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import comfy.sd
 import comfy.utils
+import comfy_server  # noqa: F401  (puts the pack's folder on sys.path, for the command: runner.convert)
 from conftest import COMFYUI_PATH, PACK_DIR, pack
 from tiny_models import VARIANTS
+
+from runner import convert as command  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the marks of this module (registered in pyproject.toml)
 
@@ -147,7 +150,7 @@ def meta_dtype(path):
 
 
 def test_command_line(tmp_path, tmp_path_factory, model_folders):
-    cmd = [sys.executable, "-m", "loaders.convert", model_folders["csd_eps_safetensors"], "--models-dir",
+    cmd = [sys.executable, "-m", "runner.convert", model_folders["csd_eps_safetensors"], "--models-dir",
            str(tmp_path), "--name", "小模型", "--dtype", "bf16", "--only", "split"]
     env = {**os.environ, "PYTHONIOENCODING": "gbk"}
     first = subprocess.run(cmd, cwd=PACK_DIR, env=env, capture_output=True)
@@ -168,6 +171,9 @@ def test_command_line(tmp_path, tmp_path_factory, model_folders):
     assert again.returncode == 1 and "Refusing to overwrite" in err and "小模型_unet.safetensors" in err, err
     forced = subprocess.run(cmd + ["--overwrite", "--no-progress"], cwd=PACK_DIR, env=env, capture_output=True)
     assert forced.returncode == 0, forced.stderr.decode("gbk", "replace")
+    moved = subprocess.run([sys.executable, "-m", "loaders.convert", *cmd[3:]], cwd=PACK_DIR, capture_output=True)
+    assert (moved.returncode, moved.stderr) == (1, b"The converter's command is now: python -m runner.convert FOLDER "
+                                                   b"[options]\n")  # the old command points to the new one
 
 
 def test_checkpoint_loader_refuses_other_files(converted, model_folders, tmp_path):
@@ -259,9 +265,9 @@ def test_command_refuses_bad_names_before_anything_else(name, tmp_path_factory, 
     sandbox, models = sandbox_with_models(tmp_path_factory.getbasetemp())
     try:
         name = name.replace(ABS, sandbox + os.sep)
-        bad = convert._name_problem(name)
+        bad = convert.name_problem(name)
         with pytest.raises(SystemExit, match="2") if bad else contextlib.nullcontext():
-            rc = convert.main([os.path.join(sandbox, "no_such_model"), "--models-dir", models, f"--name={name}",
+            rc = command.main([os.path.join(sandbox, "no_such_model"), "--models-dir", models, f"--name={name}",
                                "--no-progress"])
         err = capsys.readouterr().err
         if bad:
@@ -296,7 +302,7 @@ def run_convert(args, cwd, env=None, umask=0o022, limits=None):
         os.umask(umask)
         for limit, value in (limits or {}).items():
             resource.setrlimit(limit, (value, value))
-    proc = subprocess.run([sys.executable, "-m", "loaders.convert", *args], cwd=cwd, env=env or dict(os.environ),
+    proc = subprocess.run([sys.executable, "-m", "runner.convert", *args], cwd=cwd, env=env or dict(os.environ),
                           capture_output=True, preexec_fn=preexec)
     return proc.returncode, proc.stderr.decode("utf-8", "replace")
 
@@ -387,7 +393,7 @@ def test_models_dir_needs_no_search(linked_comfyui, model_folders, tmp_path):
 
 
 def checkout_in_a_comfyui():
-    return any(convert.is_comfyui(p) for p in convert._parents(os.path.realpath(PACK_DIR), 3))
+    return any(command.is_comfyui(p) for p in command._parents(os.path.realpath(PACK_DIR), 3))
 
 
 @pytest.mark.skipif(checkout_in_a_comfyui(), reason="this checkout of the pack lies in a ComfyUI's custom_nodes/")
@@ -402,17 +408,17 @@ def test_find_comfyui_through_links(linked_comfyui, monkeypatch, tmp_path):
     comfyui, pack_link = linked_comfyui
     monkeypatch.delenv("COMFYUI_PATH", raising=False)
     monkeypatch.delenv("PWD", raising=False)
-    assert convert.find_comfyui(os.path.join(pack_link, "loaders", "convert.py")) == comfyui  # imported via the link
-    module = str(tmp_path / "elsewhere" / "pack" / "loaders" / "convert.py")  # imported from outside any ComfyUI
-    assert convert.find_comfyui(module) is None
+    assert command.find_comfyui(os.path.join(pack_link, "runner", "convert.py")) == comfyui  # imported via the link
+    module = str(tmp_path / "elsewhere" / "pack" / "runner" / "convert.py")  # imported from outside any ComfyUI
+    assert command.find_comfyui(module) is None
     monkeypatch.chdir(pack_link)  # the process's working directory is the resolved one...
     assert os.getcwd() == os.path.realpath(PACK_DIR)
     monkeypatch.setenv("PWD", pack_link)  # ...the shell's keeps the link
-    assert convert.find_comfyui(module) == comfyui
+    assert command.find_comfyui(module) == comfyui
     monkeypatch.setenv("PWD", str(tmp_path))  # a stale $PWD that names another folder is ignored
-    assert convert.find_comfyui(module) is None
+    assert command.find_comfyui(module) is None
     monkeypatch.setenv("COMFYUI_PATH", comfyui)
-    assert convert.find_comfyui(module) == comfyui
+    assert command.find_comfyui(module) == comfyui
 
 
 def test_failed_write_leaves_no_partial_file(model_folders, tmp_path):

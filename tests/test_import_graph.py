@@ -1,8 +1,11 @@
 """The product's imports (issue 16): no import circle among the pack's modules, run.py and runner/ (imports
-inside functions included, read with ast, nothing imported), and no product file refers to the test bed."""
+inside functions included, read with ast, nothing imported), no product file refers to the test bed, and the run
+command's launcher runs on the standard library alone."""
 
 import ast
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -135,3 +138,25 @@ def test_no_product_file_refers_to_the_test_bed(module):
             [node.module or ""] if isinstance(node, ast.ImportFrom) else []
         assert not any(n == "tests" or n.startswith("tests.") or n in ("conftest", "tiny_models", "reference")
                        for n in names), f"{path}:{node.lineno} imports the test bed"
+
+
+def test_the_launcher_runs_on_the_standard_library_alone(tmp_path):
+    """run.py's first stage (the arguments, a model folder, the environment) in a Python without site-packages
+    (-S -I): it gets as far as refusing a folder that is no ComfyUI, having imported nothing beyond the standard
+    library but the pack's own stdlib-only modules (not the second stage's generate and serve)."""
+    model = tmp_path / "模型"
+    for sub in ("unet", "text_encoder", "vae"):
+        (model / sub).mkdir(parents=True)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from runner import launcher; "
+            "rc = launcher.main(sys.argv[2:]); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] not in sys.stdlib_module_names)); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-S", "-I", "-c", code, PACK_DIR, "中国山水画", "--model", str(model),
+                           "--comfyui", str(tmp_path)], capture_output=True, encoding="utf-8",
+                          env={"PATH": os.environ.get("PATH", ""), "PYTHONIOENCODING": "utf-8"})
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: --comfyui {tmp_path}: not a ComfyUI folder (no main.py and "
+                                                "comfy/)"]
+    imported = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+    assert {"runner.launcher", "runner.comfyui", "loaders.folders"} <= set(imported)  # the path it took
+    assert {m.split(".")[0] for m in imported} == {"__main__", "loaders", "runner"}, imported
+    assert not {"runner.generate", "runner.serve", "runner.batch", "runner.client"} & set(imported), imported

@@ -20,7 +20,7 @@ from comfy_server import PACK_DIR, free_port
 from conftest import CACHE_DIR, COMFYUI_PATH, NODE_IDS
 
 from loaders import download  # noqa: E402  (comfy_server put the pack's folder on sys.path)
-from runner import bootstrap, cli  # noqa: E402
+from runner import RunError, batch, bootstrap, launcher, workflow  # noqa: E402
 
 pytestmark = pytest.mark.server  # the marks of this module (registered in pyproject.toml)
 
@@ -36,7 +36,7 @@ ARCHIVE = os.path.join(HOSTS_DIR, f"comfyui-{bootstrap.NEWEST_HOST}.tar.gz")
 
 def cli_env(tmp, encoding="utf-8", hub=None):
     """The environment of a user's shell; hub: the stand-in ModelScope hub as the model's endpoint."""
-    env = {k: v for k, v in os.environ.items() if k not in (cli.STAGE_ENV, "COMFYUI_PATH", download.ENDPOINT_ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in (launcher.STAGE_ENV, "COMFYUI_PATH", download.ENDPOINT_ENV)}
     env.update({bootstrap.CACHE_ENV: PRODUCT_CACHE, bootstrap.ARCHIVE_ENV: ARCHIVE, "TMPDIR": str(tmp),
                 "PYTHONIOENCODING": encoding, "PIP_CACHE_DIR": os.path.join(CACHE_DIR, "pip")})
     if hub is not None:
@@ -150,8 +150,8 @@ def test_long_prompt_truncation_is_said_and_chunk_mode_encodes_it_all(named_mode
     cut = run_cli([*common, "--out", str(tmp_path / "truncate.png")], tmp_path)
     assert cut.returncode == 0, cut.err
     (line,) = [x for x in cut.out.splitlines() if x.startswith("prompt") and "dropped" in x]
-    m = re.fullmatch(r'prompt: (\d+) tokens, a window holds 50: (\d+) dropped \(--long-prompt truncate\): kept up to '
-                     r'"…(.+)", dropped from "(.+)…"; --long-prompt chunk encodes them all', line)
+    m = re.fullmatch(r'prompt: tokens: (\d+) / 50, (\d+) dropped: kept up to "…(.+)", dropped from "(.+)…"; '
+                     r'--long-prompt chunk encodes them all', line)  # the encode node's own summary
     assert m, line
     tokens, dropped = int(m.group(1)), int(m.group(2))
     assert set(m.group(3)) <= set(LONG_PROMPT) and set(m.group(4)) <= set(LONG_PROMPT)  # the text around the cut
@@ -247,35 +247,56 @@ def test_own_environment_demo_run_leaves_its_comfyui_unchanged(product_env, tmp_
 
 
 def test_defaults_are_the_model_cards_with_a_model_and_quick_for_the_demo():
-    with_model = cli.parse_args(["中国山水画", "--model", "m"])
-    demo = cli.parse_args(["中国山水画", "--model", "demo"])
-    assert cli.settings(with_model) == cli.settings(cli.parse_args(["中国山水画"])) == \
+    with_model = launcher.parse_args(["中国山水画", "--model", "m"])
+    demo = launcher.parse_args(["中国山水画", "--model", "demo"])
+    assert workflow.settings(with_model) == workflow.settings(launcher.parse_args(["中国山水画"])) == \
         {"steps": 50, "width": 512, "height": 512}
-    assert cli.settings(demo) == cli.DEMO_DEFAULTS and cli.DEMO_DEFAULTS["steps"] <= 8
-    assert f"{cli.DEMO_DEFAULTS['steps']} steps at {cli.DEMO_DEFAULTS['width']}x" in cli.build_parser().format_help()
-    for kind, name in cli.WORKFLOWS.items():
+    assert workflow.settings(demo) == workflow.DEMO_DEFAULTS and workflow.DEMO_DEFAULTS["steps"] <= 8
+    defaults = workflow.DEMO_DEFAULTS
+    assert f"{defaults['steps']} steps at {defaults['width']}x" in launcher.build_parser().format_help()
+    for kind, name in workflow.WORKFLOWS.items():
         with open(os.path.join(PACK_DIR, "workflows", "api", name + ".json"), encoding="utf-8") as f:
             shipped = json.load(f)
         sampler, latent = shipped["5"]["inputs"], shipped["4"]["inputs"]
         assert (sampler["steps"], sampler["cfg"], sampler["sampler_name"], sampler["scheduler"], latent["width"],
                 latent["height"]) == (50, with_model.cfg, with_model.sampler, with_model.scheduler, 512, 512)
-        built = cli.build_prompt(with_model, kind, "m", 5)
+        built = workflow.build_prompt(with_model, kind, "m", 5)
         assert built["2"]["inputs"]["text"] == "中国山水画" and built["5"]["inputs"]["seed"] == 5
         assert built["2"]["inputs"]["long_prompt"] == built["3"]["inputs"]["long_prompt"] == "truncate"
-        assert built["1"]["inputs"][cli.LOADER_INPUT[kind][1]] == "m"
+        assert built["1"]["inputs"][workflow.LOADER_INPUT[kind][1]] == "m"
 
 
-def test_the_token_line_says_what_the_encode_node_counted():
-    data = {"node": "2", "tokens": 63, "per_window": 50, "windows": 1, "dropped": 13, "cut_before": "远山",
-            "cut_after": "云雾", "long_prompt": "truncate", "limited": False}
-    assert cli.token_line(data) == 'prompt: 63 tokens, a window holds 50: 13 dropped (--long-prompt truncate): ' \
-                                   'kept up to "…远山", dropped from "云雾…"; --long-prompt chunk encodes them all'
-    assert cli.token_line({**data, "node": "3"}).startswith("negative prompt: 63 tokens")
-    assert cli.token_line({**data, "limited": True}).startswith("prompt: at least 63 tokens")
-    assert cli.token_line({**data, "dropped": 0}) is None
-    assert cli.token_line({**data, "dropped": 0, "windows": 2, "long_prompt": "chunk"}) == \
-        "prompt: 63 tokens in 2 windows of 50 (--long-prompt chunk)"
-    assert cli.token_line({**data, "node": "9"}) is None  # not one of the workflow's two encodes
+def test_the_token_line_is_the_encode_nodes_own_summary():
+    """From the encode node's UI output in ComfyUI's `executed` message (nodes/text_encoder.py's interface)."""
+    summary = 'tokens: 63 / 50, 13 dropped: kept up to "…远山", dropped from "云雾…"'
+    info = {"tokens": 63, "window": 52, "per_window": 50, "windows": 1, "capacity": 50, "kept": 50, "dropped": 13,
+            "long_prompt": "truncate", "cut_before": "远山", "cut_after": "云雾", "summary": summary}
+
+    def executed(node, **changed):
+        return {"node": node, "display_node": node, "prompt_id": "p",
+                "output": {workflow.TOKENS_OUTPUT: [{**info, **changed}]}}
+
+    assert workflow.token_line(executed("2")) == f"prompt: {summary}; --long-prompt chunk encodes them all"
+    assert workflow.token_line(executed("3")) == f"negative prompt: {summary}; --long-prompt chunk encodes them all"
+    assert workflow.token_line(executed("2", dropped=0, summary="tokens: 12 / 50")) is None  # nothing to say
+    chunked = executed("2", dropped=0, windows=3, capacity=150, summary="tokens: 120 / 150, 3 windows")
+    assert workflow.token_line(chunked) == "prompt: tokens: 120 / 150, 3 windows"
+    assert workflow.token_line(executed("9")) is None  # not one of the workflow's two encodes
+    assert workflow.token_line({"node": "2", "output": None, "prompt_id": "p"}) is None  # a node without UI output
+    assert workflow.token_line({"node": "2", "output": {"images": [{"filename": "x.png"}]}}) is None
+
+
+@pytest.mark.parametrize("spec", [lambda names: [names, {"tooltip": "..."}],  # ComfyUI's combo inputs as 0.3.52 ...
+                                  lambda names: ["COMBO", {"options": names}]])  # ... and V3 nodes give them
+def test_the_sampler_and_scheduler_are_checked_against_comfyuis_lists(spec):
+    info = {"KSampler": {"input": {"required": {"sampler_name": spec(["euler", "dpmpp_2m"]),
+                                                "scheduler": spec(["simple", "karras"])}}}}
+    assert batch.check_names(info, "dpmpp_2m", "karras") == {"samplers": ["euler", "dpmpp_2m"],
+                                                             "schedulers": ["simple", "karras"]}
+    with pytest.raises(RunError, match=r"^--sampler eular: not one of this ComfyUI's samplers: euler, dpmpp_2m$"):
+        batch.check_names(info, "eular", "karras")
+    with pytest.raises(RunError, match=r"^--scheduler Karras: not one of this ComfyUI's schedulers: simple, karras$"):
+        batch.check_names(info, "euler", "Karras")
 
 
 def test_mistakes_are_one_clear_message_before_any_server_starts(users_comfyui, tmp_path):
@@ -306,10 +327,6 @@ def test_mistakes_are_one_clear_message_before_any_server_starts(users_comfyui, 
     (broken / "text_encoder").mkdir()
     fails([PROMPT, "--model", str(broken), "--comfyui", str(users_comfyui)],
           f"--model {broken}: the model folder is incomplete: no vae/ (a download cut short?)")
-    proc = run_cli([PROMPT, "--model", "demo", "--comfyui", str(users_comfyui), "--sampler", "no_such_sampler"],
-                   tmp_path)
-    assert proc.returncode == 1 and "error: --sampler no_such_sampler: not one of this ComfyUI's samplers: " \
-        "euler, " in proc.err and "Starting ComfyUI" not in proc.err
     fails([PROMPT, "--comfyui", str(tmp_path)], f"--comfyui {tmp_path}: not a ComfyUI folder (no main.py and comfy/)")
     old = tmp_path / "OldComfyUI"
     (old / "comfy").mkdir(parents=True)
@@ -317,6 +334,18 @@ def test_mistakes_are_one_clear_message_before_any_server_starts(users_comfyui, 
     (old / "comfyui_version.py").write_text('__version__ = "0.3.40"\n')
     fails([PROMPT, "--comfyui", str(old)],
           f"--comfyui {old}: ComfyUI 0.3.40 is older than 0.3.52, the oldest this pack supports; update ComfyUI")
+
+
+def test_a_wrong_sampler_is_said_with_the_started_comfyuis_own_list(users_comfyui, tmp_path):
+    """ComfyUI is asked (GET /object_info/KSampler) once it is up, then stopped: one error line, nothing made."""
+    import comfy.samplers
+
+    proc = run_cli([PROMPT, "--model", "demo", "--comfyui", str(users_comfyui), "--sampler", "no_such_sampler"],
+                   tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.err, proc.err
+    assert proc.err.strip().splitlines()[-1] == "error: --sampler no_such_sampler: not one of this ComfyUI's " \
+        f"samplers: {', '.join(comfy.samplers.KSampler.SAMPLERS)}"
+    assert "saved" not in proc.out and not list(tmp_path.glob("*.png"))
 
 
 def _comfyui_pid(port):
@@ -450,16 +479,6 @@ def _comfyui_pid_of_parent(parent):
         if ppid == parent and any(c.endswith(b"main.py") for c in cmd):
             return int(pid)
     return None
-
-
-def test_sampler_and_scheduler_names_are_read_as_comfyui_defines_them(tmp_path):
-    import comfy.samplers
-
-    assert cli.sampler_names(COMFYUI_PATH) == (list(comfy.samplers.KSampler.SAMPLERS),
-                                               list(comfy.samplers.KSampler.SCHEDULERS))
-    (tmp_path / "comfy").mkdir()
-    (tmp_path / "comfy" / "samplers.py").write_text("SAMPLER_NAMES = make_names()\n")
-    assert cli.sampler_names(str(tmp_path)) is None  # another shape: ComfyUI itself is asked (probe)
 
 
 # ----------------------------------------------------------------------------------------------
