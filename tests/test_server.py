@@ -160,16 +160,17 @@ def test_converted_checkpoint_and_split_files(server):
 
 
 def test_encode_node_sends_its_recipe_and_count(server):
-    """After encoding, each encode node tells the UI (the chinese_sd.encoded event the token counter shows) the
-    recipe it used and the exact count from the model's own tokenizer."""
+    """After encoding, each encode node gives the UI (its ui output "chinese_sd_tokens", in ComfyUI's executed
+    message, what the token counter shows) the recipe it used and the exact count from the model's own tokenizer."""
     with ComfySocket(server) as ws:
         entry, _ = ws.run(txt2img(folder_loader(), ["load", 1], ["load", 0], ["load", 2], seed=11))
-        events = {m["data"]["node"]: m["data"] for m in ws.messages if m["type"] == "chinese_sd.encoded"}
+        outputs = {m["data"]["node"]: m["data"]["output"] for m in ws.messages if m["type"] == "executed"}
     assert entry["status"]["status_str"] == "success"
     assert not [m for m in ws.messages if m["type"] == "text"]  # no extra text box on the node any more
     for node, n in (("pos", 5), ("neg", 3)):  # 中国山水画: 5 tokens, 模糊的: 3, counted by the model's tokenizer
-        assert events[node]["recipe"] == "ModelScope Chinese SD pipeline: 52 tokens, attention mask"
-        assert (events[node]["tokens"], events[node]["dropped"], events[node]["limited"]) == (n, 0, False)
+        (info,) = outputs[node]["chinese_sd_tokens"]
+        assert info["recipe"] == "ModelScope Chinese SD pipeline: 52 tokens, attention mask"
+        assert (info["tokens"], info["dropped"], info["summary"]) == (n, 0, f"tokens: {n} / 50")
 
 
 def test_pack_warnings_are_recognised():

@@ -103,8 +103,8 @@ def test_the_counter_and_the_loader_resolve_the_same_tokenizer_for_every_fixture
         clip = pack.loaders.chinese_clip.build_clip(tower, dtype=torch.float32)
         loaded = token_count.inner_tokenizer(clip.tokenizer)
         counted = token_count.inner_tokenizer(token_count.tokenizer_set(settings))
-        assert (counted.max_length, counted.recipe, counted.split_chinese) == \
-            (loaded.max_length, loaded.recipe, loaded.split_chinese), path
+        assert (counted.max_length, counted.recipe, counted.tokenizer.split_chinese) == \
+            (loaded.max_length, loaded.recipe, loaded.tokenizer.split_chinese), path
         assert counted.tokenizer.get_vocab() == loaded.tokenizer.get_vocab(), path
         assert (settings.tokenizer, settings.recipe, settings.hidden or tower.config["hidden_size"]) == \
             (tower.tokenizer, tower.recipe, tower.config["hidden_size"]), path
@@ -365,8 +365,10 @@ def test_after_a_run_the_node_sends_its_exact_count(server, embeddings, long_pro
     for i, (text, line) in enumerate(zip(texts, expected)):
         ([data],) = outputs[f"enc{i}"]
         stats = token_count.count(tokenizer, text, long_prompt)
-        assert data == {**stats, "recipe": RECIPE, "summary": line}
+        assert data == {**stats, "recipe": RECIPE, "summary": line, "summary_zh": token_count.summary(stats, "zh")}
         assert token_count.summary(stats) == line
+        if stats["dropped"]:
+            assert data["summary_zh"] == "token数：60 / 50，截断丢弃 10 个：保留到“…依山尽黄河入海流”，从“欲穷千里目更上一…”起丢弃"
         # what the counter estimated while typing is what the run counted
         answer = count(server, text, long_prompt, model=model)
         assert {k: answer[k] for k in data} == data

@@ -206,5 +206,5 @@ def test_the_token_counter_extension_is_served(server, info):
     assert script == read_text("web", "js", "token_counter.js")
     for contract in ('"/chinese_sd/tokens"', '"ChineseSD_CLIPTextEncode"', "chinese-sd-token-counter",
                      "chinese-sd-token-count", "chinese-sd-token-warning", "chinese-sd-token-error",
-                     "app.registerExtension", '"chinese_sd.encoded"', '"/chinese_sd/model_widgets"'):
+                     "app.registerExtension", '"chinese_sd_tokens"', '"/chinese_sd/model_widgets"'):
         assert contract in script, contract
