@@ -1,5 +1,5 @@
 """The model fetched from ModelScope (loaders/download.py, issue 22) with ModelScope's own client (modelscope-hub)
-against a stand-in hub that speaks its protocol (tests/stand_in_hub.py): directly, and through a real ComfyUI whose
+against a stand-in hub that speaks its protocol (standins/hub.py): directly, and through a real ComfyUI whose
 ModelScope-folder loader downloads the model the shipped txt2img workflow names."""
 
 import hashlib
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from comfy_server import ComfyServer, ComfySocket
 from conftest import COMFYUI_PATH, pack
-from stand_in_hub import StandInHub, folder_listing
+from standins.hub import StandInHub, folder_listing
 
 pytestmark = pytest.mark.fuzz  # the marks of this module (registered in pyproject.toml)
 
