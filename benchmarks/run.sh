@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The benchmarks: the pack against ModelScope's reference and stock ComfyUI, at full size, into BENCHMARKS.md.
 #
-#   bash benchmarks/run.sh [--rounds N] [--only B1,B2,...] [--out FILE] [--json FILE]
+#   bash benchmarks/run.sh [--rounds N] [--only B1,B2,...] [--out FILE] [--results FILE]
 #
 # Prepares (or reuses) the test environments (tests/run.sh --setup-only): the newest host, ComfyUI 0.33.0 +
 # transformers 5.24.0, runs everything; ComfyUI 0.3.52 + transformers 4.57.6 also runs B7 (tokenizing under
 # transformers 4). Builds the full-size random-weight models once into
 # ${CNSD_BENCH_CACHE:-${XDG_CACHE_HOME:-~/.cache}/comfyui-chinese-sd-bench} (about 10 GB; outside the
-# repository) and runs benchmarks/bench.py, which rewrites BENCHMARKS.md (after each benchmark, so a run cut
-# short keeps what it measured). Not part of the test suite: a full run takes well over an hour on 2 cores and
+# repository) and runs benchmarks/bench.py, which stores each benchmark's data in benchmarks/results.json and
+# renders BENCHMARKS.md from it (after each benchmark, so a run cut short keeps what it measured; the benchmarks
+# not run keep their data). Not part of the test suite: a full run takes well over an hour on 2 cores and
 # needs ~12 GB of free RAM and ~25 GB of disk.
 set -euo pipefail
 

@@ -20,6 +20,8 @@ if not COMFYUI_PATH or not os.path.isfile(os.path.join(COMFYUI_PATH, "comfyui_ve
 
 if COMFYUI_PATH not in sys.path:
     sys.path.insert(0, COMFYUI_PATH)
+if PACK_DIR not in sys.path:
+    sys.path.append(PACK_DIR)  # the product's runner and the stand-ins, after ComfyUI: its nodes.py wins over nodes/
 
 import comfy.cli_args  # noqa: E402  (must be configured before comfy.model_management is imported)
 
@@ -63,8 +65,8 @@ def fixture_root(model_folders):
 @pytest.fixture(scope="session")
 def model_hub(model_folders):
     """A stand-in ModelScope hub on 127.0.0.1 serving the tiny ModelScope-layout model under the real model's id
-    (tests/stand_in_hub.py); tests set its faults and read its request log (both reset by `hub_clean`)."""
-    from stand_in_hub import StandInHub
+    (standins/hub.py); tests set its faults and read its request log (both reset by `hub_clean`)."""
+    from standins.hub import StandInHub
     with StandInHub({pack.loaders.download.MODEL_ID: model_folders["csd_eps_safetensors"]}) as hub:
         yield hub
 

@@ -105,13 +105,61 @@ def test_cast_copies_only_what_it_must(tmp_path):
     save_file(half, tmp_path / "y.safetensors")
 
 
+def benchmark_module(name):
+    """benchmarks/NAME.py, imported on its own (the benchmarks are no package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(PACK_DIR, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_the_gpu_script_and_the_benchmark_worker_import():
     """benchmarks/cuda_check.py runs on a lent GPU machine, where a broken import costs the session's device time:
     its imports (and the worker's, whose setup it calls) resolve here."""
-    import importlib.util
     for name in ("cuda_check", "worker"):
-        path = os.path.join(PACK_DIR, "benchmarks", f"{name}.py")
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        assert callable(module.setup)
+        module = benchmark_module(name)
+        assert module.setup.__module__ == f"bench_{name}"  # its own setup, not one imported from elsewhere
+
+
+def test_benchmarks_md_is_the_rendering_of_the_results():
+    """BENCHMARKS.md is what benchmarks/report.py renders from benchmarks/results.json (nobody edits it by hand),
+    and every benchmark the runner can run has a section of its own, shown in the report's order."""
+    report, bench = benchmark_module("report"), benchmark_module("bench")
+    results = report.load()
+    with open(os.path.join(PACK_DIR, "BENCHMARKS.md"), encoding="utf-8") as f:
+        assert f.read() == report.render(results)
+    assert set(bench.ENTRIES) == set(report.SECTIONS) == set(report.TITLES) == set(report.ORDER)
+    assert set(bench.RUN_ORDER.split(",")) == set(bench.ENTRIES)
+    text = report.render(results)
+    headings = [line[3:] for line in text.splitlines() if line.startswith("## B")]
+    assert headings == [report.TITLES[b] for b in report.ORDER if b in results["entries"]]
+    for b, entry in results["entries"].items():  # each target in the table, with its value as shown
+        for t in entry["data"].get("targets", []):
+            assert f"| {t['bench']} | {t['what']} | {t['value']:.2f} | {report.limit_text(t)} |" in text
+
+
+@pytest.mark.parametrize("value,limit,lo,met", [(1.049, 1.05, None, True), (1.054, 1.05, None, True),
+                                                (1.056, 1.05, None, False), (0.896, None, 0.9, True),
+                                                (0.894, None, 0.9, False), (0.964, 1.03, 0.97, False),
+                                                (1.0, 1.03, 0.97, True)])
+def test_a_target_is_judged_on_its_value_as_shown(value, limit, lo, met):
+    report = benchmark_module("report")
+    target = {"bench": "B0", "what": "x", "value": value, "limit": limit, "lo": lo}
+    assert report.met(target) is met
+    assert report.limit_text(target) == {(1.05, None): "≤ 1.05", (None, 0.9): "≥ 0.90",
+                                         (1.03, 0.97): "0.97–1.03"}[limit, lo]
+
+
+def test_a_section_kept_from_an_earlier_run_says_so_and_a_failure_says_why():
+    report = benchmark_module("report")
+    results = report.load()
+    entry = {"id": "B13", **results["entries"]["B13"]}
+    now = {**results["last_run"], "date": "2099-01-01 00:00 UTC"}
+    kept = report.section(entry, now)
+    assert kept[0] == (f"*(Kept from the report of {entry['run']['date']}, pack at {entry['run']['commit']}: not run "
+                       "since.)*")
+    assert report.section(entry, {**now, "date": entry["run"]["date"]}) == kept[2:]
+    failed = report.section({"id": "B13", "run": entry["run"], "data": {"error": "RuntimeError: no server"}},
+                            {**now, "date": entry["run"]["date"]})
+    assert failed == ["Failed: `RuntimeError: no server`"]

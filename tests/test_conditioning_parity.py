@@ -9,6 +9,7 @@ import torch
 import nodes as comfy_nodes
 from conftest import pack
 from reference import PROMPTS, REFERENCE_LENGTH, reference_encode, reference_tokens
+from tiny_models import TEXT_CONFIG
 
 TOLERANCE = 1e-5
 node_module = pack.nodes
@@ -44,7 +45,7 @@ def test_prompt_corpus(variant, record_parity):
         tokens = clip.tokenize(prompt)["chinese_clip"]
         assert [[t for t, _ in w] for w in tokens] == [ref_ids[i].tolist()], prompt
         ours = encode(clip, prompt)
-        assert ours.shape == (1, REFERENCE_LENGTH, 1024) and ours.dtype == torch.float32
+        assert ours.shape == (1, REFERENCE_LENGTH, TEXT_CONFIG["hidden_size"]) and ours.dtype == torch.float32
         diff = (ours - ref[i:i + 1]).abs().max().item()
         worst = max(worst, diff)
         assert diff <= TOLERANCE, f"{prompt!r}: max abs difference {diff}"
@@ -55,7 +56,7 @@ def test_chunk_mode_windows_follow_the_recipe(variant):
     name, folder, clip = variant
     prompt = "长" * 60 + "山水画"
     ours = encode(clip, prompt, "chunk")
-    assert ours.shape == (1, 2 * REFERENCE_LENGTH, 1024)
+    assert ours.shape == (1, 2 * REFERENCE_LENGTH, TEXT_CONFIG["hidden_size"])
     ref_first = reference(folder, [prompt])  # the reference truncates: that is our first window
     assert (ours[:, :REFERENCE_LENGTH] - ref_first).abs().max().item() <= TOLERANCE
     ref_rest = reference(folder, ["长" * 10 + "山水画"])

@@ -1,8 +1,9 @@
 """The model fetched from ModelScope (loaders/download.py, issue 22) with ModelScope's own client (modelscope-hub)
-against a stand-in hub that speaks its protocol (tests/stand_in_hub.py): directly, and through a real ComfyUI whose
+against a stand-in hub that speaks its protocol (standins/hub.py): directly, and through a real ComfyUI whose
 ModelScope-folder loader downloads the model the shipped txt2img workflow names."""
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -12,10 +13,13 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
+from comfy_graph import LOADER, txt2img_workflow
 from comfy_server import ComfyServer, ComfySocket
 from conftest import COMFYUI_PATH, pack
-from stand_in_hub import StandInHub, folder_listing
+from runner.workflow import WORKFLOWS, load_workflow
+from standins.hub import StandInHub, folder_listing
 
 pytestmark = pytest.mark.fuzz  # the marks of this module (registered in pyproject.toml)
 
@@ -280,13 +284,17 @@ def download_server(model_hub, tmp_path_factory):
 
 
 def txt2img(seed):
-    with open(os.path.join(pack.__path__[0], "workflows", "api", "chinese_sd_txt2img.json"), encoding="utf-8") as f:
-        workflow = json.load(f)
-    assert workflow["1"]["inputs"]["model_folder"] == download.FOLDER  # what the template stores, as shipped
-    workflow["4"]["inputs"].update(width=64, height=64)
-    workflow["5"]["inputs"].update(steps=2, seed=seed)
-    workflow["1"]["inputs"]["text_encoder_dtype"] = "fp32"
-    return workflow
+    """The shipped txt2img workflow with the model folder it names (what a fresh install downloads), small."""
+    return txt2img_workflow(download.FOLDER, seed=seed, steps=2, width=64, height=64, text_encoder_dtype="fp32")
+
+
+def the_picture(server, entry):
+    """The one PNG a successful run of txt2img() saved: the size the workflow asks for."""
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (png,) = server.output_images(entry)
+    with Image.open(io.BytesIO(png)) as img:
+        assert (img.format, img.size) == ("PNG", (64, 64))
+        assert any(lo < hi for lo, hi in img.getextrema())
 
 
 def run(server, workflow, interrupt_when=None):
@@ -316,7 +324,7 @@ def run(server, workflow, interrupt_when=None):
 
 def loader_progress(messages):
     return [(m["data"]["value"], m["data"]["max"]) for _, m in messages
-            if m.get("type") == "progress" and m["data"].get("node") == "1"]
+            if m.get("type") == "progress" and m["data"].get("node") == LOADER]
 
 
 @pytest.mark.browser
@@ -367,12 +375,13 @@ def test_the_txt2img_template_downloads_its_model_with_progress_cancel_and_resum
     info = srv.get_json("/object_info/ChineseSD_ModelScopeLoader")["ChineseSD_ModelScopeLoader"]
     spec = info["input"]["required"]["model_folder"]
     assert spec[1]["options"] == [download.FOLDER]  # offered before it is there: the value workflows store
+    assert load_workflow(WORKFLOWS["folder"])[LOADER]["inputs"]["model_folder"] == download.FOLDER  # as shipped
     assert "not installed yet: it will be downloaded" in spec[1]["tooltip"] and download.APPROX_SIZE in spec[1]["tooltip"]
     total = sum(len(b) for b in expected_files(model_folders["csd_eps_safetensors"]).values())
 
     # Cancel mid-download: stopped within 2 s, nothing half-made is listed, the next run resumes
     hub.rate = 4 * 1024 ** 2
-    entry, messages, at = run(srv, txt2img(1), lambda m: m.get("type") == "progress" and m["data"].get("node") == "1"
+    entry, messages, at = run(srv, txt2img(1), lambda m: m.get("type") == "progress" and m["data"].get("node") == LOADER
                               and m["data"]["value"] > 4 * 1024 ** 2)
     assert at is not None
     ended = [t for t, m in messages if m.get("type") == "execution_interrupted"]
@@ -384,14 +393,13 @@ def test_the_txt2img_template_downloads_its_model_with_progress_cancel_and_resum
     hub.rate = None
     hub.requests.clear()
     entry, messages, _ = run(srv, txt2img(2))
-    assert entry["status"]["status_str"] == "success", entry["status"]
+    the_picture(srv, entry)
     assert any(rng for _, rng in hub.file_requests())  # resumed
     progress = loader_progress(messages)
     assert progress and progress[-1] == (total, total) and all(m == total for _, m in progress)
-    node_text = [m["data"]["text"] for _, m in messages if m.get("type") == "text" and m["data"].get("node") == "1"]
+    node_text = [m["data"]["text"] for _, m in messages if m.get("type") == "text" and m["data"].get("node") == LOADER]
     assert any(t.startswith(f"Downloading {download.MODEL_ID} from {hub.url}: ") for t in node_text), node_text
     assert any(t.startswith(f"Downloading {download.MODEL_ID}: ") and " GiB" in t for t in node_text), node_text
-    assert len(srv.output_images(entry)) == 1
     assert (srv.diffusers / download.FOLDER / download.RECORD).is_file()
     assert f"Downloading {download.MODEL_ID} from {hub.url}" in srv.log_text()
 
@@ -399,7 +407,8 @@ def test_the_txt2img_template_downloads_its_model_with_progress_cancel_and_resum
     hub.requests.clear()
     hub.down = True
     entry, _, _ = run(srv, txt2img(3))
-    assert entry["status"]["status_str"] == "success" and hub.requests == []
+    the_picture(srv, entry)
+    assert hub.requests == []
     info = srv.get_json("/object_info/ChineseSD_ModelScopeLoader")["ChineseSD_ModelScopeLoader"]
     assert "not installed yet" not in info["input"]["required"]["model_folder"][1]["tooltip"]
 
@@ -419,7 +428,7 @@ def test_two_prompts_share_one_download_and_a_broken_hub_leaves_the_server_servi
     hub.requests.clear()
     for other in ("iic/other-model", f"../{download.FOLDER}", f"{download.FOLDER}/../../x"):  # nothing else is fetched
         workflow = txt2img(7)
-        workflow["1"]["inputs"]["model_folder"] = other
+        workflow[LOADER]["inputs"]["model_folder"] = other
         status, body = srv.post_json("/prompt", {"prompt": workflow})
         if status != 200:  # ComfyUI's own check of the combo's options (0.33)
             assert status == 400 and "model_folder" in json.dumps(body), body
@@ -438,7 +447,8 @@ def test_two_prompts_share_one_download_and_a_broken_hub_leaves_the_server_servi
         if all(p in history and history[p]["status"].get("completed") is not None for p in (first, second)):
             break
         time.sleep(0.5)
-    assert [history[p]["status"]["status_str"] for p in (first, second)] == ["success", "success"]
+    for prompt_id in (first, second):
+        the_picture(srv, history[prompt_id])
     paths = [p for p, _ in hub.file_requests()]
     assert sorted(paths) == sorted(set(paths)) and paths  # one download
 
@@ -476,9 +486,8 @@ def test_a_server_killed_mid_download_lists_nothing_half_made_and_the_next_serve
             "required"]["model_folder"][1]["options"]
         assert options == [download.FOLDER]  # the staging folder is never listed
         entry, messages, _ = run(srv, txt2img(9))
-        assert entry["status"]["status_str"] == "success", entry["status"]
-        assert len(srv.output_images(entry)) == 1
-    node_text = [m["data"]["text"] for _, m in messages if m.get("type") == "text" and m["data"].get("node") == "1"]
+        the_picture(srv, entry)
+    node_text = [m["data"]["text"] for _, m in messages if m.get("type") == "text" and m["data"].get("node") == LOADER]
     assert any(", resuming after " in t for t in node_text), node_text
     assert any(rng for _, rng in hub.file_requests())  # resumed where the killed one stopped
     assert download.read_record(str(diffusers / download.FOLDER))["repo"] == download.MODEL_ID

@@ -5,6 +5,7 @@ without dynamic VRAM (0.3.x) have no such state, and this module has no test the
 
 import importlib.util
 import os
+import re
 
 import pytest
 
@@ -27,5 +28,6 @@ if HAS_DYNAMIC_VRAM:
         pack.loaders.unet.check_unet(unet)  # a complete UNet passes
         missing = next(k for k in unet.sd if k.endswith(".weight") and "emb_layers" in k)
         del unet.sd[missing]
-        with pytest.raises(pack.loaders.errors.ModelLoadError, match="missing"):
+        named = rf"1 missing tensors \(e\.g\. '{re.escape(missing)}'\)"  # the tensor removed
+        with pytest.raises(pack.loaders.errors.ModelLoadError, match=named):
             pack.loaders.unet.check_unet(unet)  # and an incomplete one is still refused

@@ -231,7 +231,10 @@ def test_embedded_tokenizer_config_keeps_only_bert_settings(tmp_path, model_fold
         "do_lower_case": True, "tokenize_chinese_chars": True, "strip_accents": None, "cls_token": "[CLS]",
         "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]", "mask_token": "[MASK]"}
     clip = chinese_clip.build_clip(tower, dtype=torch.float32)
-    assert len(clip.tokenizer.chinese_clip.tokenizer) == 21128
+    assert len(clip.tokenizer.chinese_clip.tokenizer) == vocab.count("\n")  # the embedded vocabulary, a token a line
+    from reference import hf_tokenizer
+    ours = [t for t, _ in clip.tokenize("中国山水画")["chinese_clip"][0]]
+    assert ours == hf_tokenizer(text_tower.SHIPPED_TOKENIZER)("中国山水画", padding="max_length", max_length=52)["input_ids"]
 
 
 def test_tokenizer_config_names_the_special_tokens(tmp_path, model_folders):
@@ -263,24 +266,27 @@ def test_vocab_that_is_not_utf8(tmp_path, model_folders):
 
 def test_incomplete_ldm_unet(tmp_path, model_folders):
     ldm = pack.loaders.unet_file.read_unet_file(os.path.join(model_folders["csd_eps_safetensors"], "unet")).sd
-    cases = {"no_output_blocks": {k: v for k, v in ldm.items() if not k.startswith("output_blocks.")},
-             "no_mid_block": {k: v for k, v in ldm.items() if not k.startswith("middle_block.")},
-             "half": dict(list(ldm.items())[: len(ldm) // 2])}
-    for name, sd in cases.items():
+    cases = {"no_output_blocks": ({k: v for k, v in ldm.items() if not k.startswith("output_blocks.")},
+                                  "expected a complete SD UNet"),
+             "no_mid_block": ({k: v for k, v in ldm.items() if not k.startswith("middle_block.")},
+                              "a UNet without a cross-attention middle block"),
+             "half": (dict(list(ldm.items())[: len(ldm) // 2]), "expected a complete SD UNet")}
+    for name, (sd, phrase) in cases.items():
         path = tmp_path / f"{name}.safetensors"
         save_file({k: v.contiguous() for k, v in sd.items()}, path)
-        expect_error(lambda: unet.load_unet(str(path)), path)
+        expect_error(lambda: unet.load_unet(str(path)), path, phrase)
 
 
-@pytest.mark.parametrize("prefix", ["mid_block.", "down_blocks.0.attentions."])
-def test_unet_missing_whole_blocks_is_caught_by_its_config(tmp_path, model_folders, prefix):
+@pytest.mark.parametrize("prefix,phrase", [("mid_block.", "'mid_block_type' = 'UNetMidBlock2DCrossAttn'"),
+                                           ("down_blocks.0.attentions.", "without cross-attention")])
+def test_unet_missing_whole_blocks_is_caught_by_its_config(tmp_path, model_folders, prefix, phrase):
     folder = tmp_path / "unet"
     folder.mkdir()
     src = os.path.join(model_folders["csd_eps_safetensors"], "unet")
     shutil.copy(os.path.join(src, "config.json"), folder / "config.json")
     sd = weights.read_state_dict(os.path.join(src, "diffusion_pytorch_model.safetensors"))
     save_file({k: v for k, v in sd.items() if not k.startswith(prefix)}, folder / "diffusion_pytorch_model.safetensors")
-    expect_error(lambda: unet.load_unet(str(folder)), "diffusion_pytorch_model.safetensors")
+    expect_error(lambda: unet.load_unet(str(folder)), "diffusion_pytorch_model.safetensors", phrase)
 
 
 @pytest.mark.parametrize("config,phrase", [
@@ -299,15 +305,17 @@ def test_malformed_scheduler_values(tmp_path, model_folders, config, phrase):
 
 def test_converter_refuses_what_the_loaders_refuse(tmp_path, model_folders):
     convert = pack.loaders.convert
-    for component, key in (("unet", "conv_out.bias"), ("vae", "decoder.conv_out.weight")):
+    # the key removed, as the loaders name it (the UNet's in ComfyUI's layout)
+    for component, key, named in (("unet", "conv_out.bias", "out.2.bias"),
+                                  ("vae", "decoder.conv_out.weight", "decoder.conv_out.weight")):
         folder = tmp_path / f"broken_{component}"
         shutil.copytree(model_folders["csd_eps_safetensors"], folder)
         weights_path = folder / component / "diffusion_pytorch_model.safetensors"
         sd = weights.read_state_dict(str(weights_path))
         del sd[key]
         save_file(sd, weights_path)
-        with pytest.raises(ModelLoadError, match="missing"):
-            convert.convert_folder(str(folder), str(tmp_path / f"out_{component}"), dtype="fp16")
+        expect_error(lambda: convert.convert_folder(str(folder), str(tmp_path / f"out_{component}"), dtype="fp16"),
+                     weights_path, f"found 1 missing tensors (e.g. '{named}')")
         assert not (tmp_path / f"out_{component}").exists()
 
 

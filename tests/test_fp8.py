@@ -3,13 +3,17 @@ its Load Diffusion Model passes them): the UNet loaders and the all-in-one loade
 in fp8 and sample finite images through a real server; the stored dtype took effect; other storage types are
 refused with one clear message."""
 
+import io
 import os
 import urllib.parse
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load as load_safetensors
 
+from comfy_graph import SAMPLER, SAVE, txt2img_workflow, with_loaders
 from conftest import pack, place
 
 unet = pack.loaders.unet
@@ -73,54 +77,37 @@ def server(comfy, model_folders, converted):
     return comfy
 
 
-def graph(loader, model_ref, clip_ref, vae_ref, tag):
-    return {
-        **loader,
-        "pos": {"class_type": "ChineseSD_CLIPTextEncode", "inputs": {"clip": clip_ref, "text": "中国山水画",
-                                                                     "long_prompt": "truncate"}},
-        "neg": {"class_type": "ChineseSD_CLIPTextEncode", "inputs": {"clip": clip_ref, "text": "", "long_prompt": "truncate"}},
-        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "sample": {"class_type": "KSampler", "inputs": {
-            "model": model_ref, "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
-            "seed": 7, "steps": 3, "cfg": 7.5, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
-        "keep": {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0], "filename_prefix": f"fp8/{tag}"}},
-        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": vae_ref}},
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": f"fp8/{tag}"}},
-    }
-
-
 def sample(server, loader_kind, dtype):
-    """The sampled latent (from SaveLatent) and the PNG of one run."""
+    """The sampled latent (from a SaveLatent beside the txt2img graph's SaveImage) and the picture of one run."""
+    tag = f"{loader_kind}_{dtype}"
+    settings = dict(negative="", seed=7, steps=3, width=64, height=64, text_encoder_dtype="fp32", prefix=f"fp8/{tag}")
     if loader_kind == "folder":
-        loader = {"load": {"class_type": "ChineseSD_ModelScopeLoader", "inputs": {
-            "model_folder": FOLDER, "prediction": "auto", "unet_dtype": dtype, "text_encoder_dtype": "fp32"}}}
-        refs = ["load", 0], ["load", 1], ["load", 2]
+        workflow = txt2img_workflow(FOLDER, unet_dtype=dtype, **settings)
     elif loader_kind == "checkpoint":
-        loader = {"load": {"class_type": "ChineseSD_CheckpointLoader", "inputs": {
-            "ckpt_name": "csd.safetensors", "prediction": "auto", "unet_dtype": dtype, "text_encoder_dtype": "fp32"}}}
-        refs = ["load", 0], ["load", 1], ["load", 2]
-    else:
-        loader = {"load": {"class_type": "ChineseSD_ModelScopeLoader", "inputs": {
-            "model_folder": FOLDER, "prediction": "auto", "unet_dtype": "fp32", "text_encoder_dtype": "fp32"}},
-            "unet": {"class_type": "ChineseSD_UNetLoader", "inputs": {
-                "unet_name": "csd_unet.safetensors", "prediction": "auto", "weight_dtype": dtype}}}
-        refs = ["unet", 0], ["load", 1], ["load", 2]
-    entry = server.run_prompt(graph(loader, *refs, tag=f"{loader_kind}_{dtype}"))
+        workflow = txt2img_workflow("csd.safetensors", kind="checkpoint", unet_dtype=dtype, **settings)
+    else:  # the UNet file through Load Chinese SD UNet, the rest from the folder
+        workflow = with_loaders(txt2img_workflow(FOLDER, unet_dtype="fp32", **settings), {"unet": {
+            "class_type": "ChineseSD_UNetLoader", "inputs": {
+                "unet_name": "csd_unet.safetensors", "prediction": "auto", "weight_dtype": dtype}}},
+            model=["unet", 0])
+    workflow["keep"] = {"class_type": "SaveLatent", "inputs": {"samples": [SAMPLER, 0], "filename_prefix": f"fp8/{tag}"}}
+    entry = server.run_prompt(workflow)
     assert entry["status"]["status_str"] == "success", entry["status"]
     (latent_file,) = entry["outputs"]["keep"]["latents"]
-    (image_file,) = entry["outputs"]["save"]["images"]
+    (image_file,) = entry["outputs"][SAVE]["images"]
     fetch = lambda f: server.get("/view?" + urllib.parse.urlencode(  # noqa: E731
         {"filename": f["filename"], "subfolder": f["subfolder"], "type": f["type"]}))
     latent = load_safetensors(fetch(latent_file))["latent_tensor"]
-    png = fetch(image_file)
-    assert png.startswith(b"\x89PNG")
-    return latent, png
+    with Image.open(io.BytesIO(fetch(image_file))) as png:
+        assert (png.format, png.size) == ("PNG", (64, 64))  # the size asked for
+        picture = np.asarray(png.convert("RGB"))
+    return latent, picture
 
 
 @pytest.mark.parametrize("loader_kind", ["folder", "unet", "checkpoint"])
 def test_fp8_weights_sample_finite_images_close_to_fp32(server, loader_kind):
     reference, _ = sample(server, loader_kind, "fp32")
-    assert reference.isfinite().all()
+    assert reference.shape == (1, 4, 64 // 8, 64 // 8) and reference.isfinite().all()  # the 64x64 picture's latent
     for dtype in FP8 if loader_kind == "folder" else FP8[:1]:
         latent, _ = sample(server, loader_kind, dtype)
         assert latent.shape == reference.shape and latent.isfinite().all(), dtype

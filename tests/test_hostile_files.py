@@ -14,8 +14,8 @@ from hypothesis import given, settings, strategies as st
 
 import nodes as comfy_nodes
 from conftest import pack
-from fuzz import (STATS, changed_keys, dumps, expect_loaded_or_refused, fuzz_settings, json_values, mutated_json,
-                  same_outputs, whole_files)
+from fuzz import (STATS, changed_keys, comparable, dumps, expect_loaded_or_refused, fuzz_settings, json_values,
+                  mutated_json, same_outputs, whole_files)
 from tiny_models import FUZZ_VARIANT, save_pretrained, write_tokenizer_transformers5
 
 pytestmark = pytest.mark.fuzz  # the marks of this module (registered in pyproject.toml)
@@ -431,9 +431,13 @@ PROBE_CASES = [
 def test_probe_cases(work, name, key, value, outcome):
     doc = {**original_json(work, name), key: value}
     load = {"unet": load_unet, "sche": load_unet, "vae/": load_whole_folder}.get(name[:4], load_text)
+    outputs = []
     with hostile(work / name, dumps(doc).encode("utf-8")):
         assert expect_loaded_or_refused(lambda: load(work), [name.replace("/", os.sep)], "probe cases",
-                                        ModelLoadError) == outcome
+                                        ModelLoadError, took_effect=outputs.extend) == outcome
+    if outcome == "loaded":  # a value accepted loosely means the original's (1.0 for 1): the very same outputs
+        assert comparable(value) == comparable(original_json(work, name)[key])
+        assert same_outputs(outputs, load(work))
 
 
 @pytest.mark.parametrize("key,value", [

@@ -13,19 +13,27 @@ from conftest import PACK_DIR
 
 
 def test_pyproject_as_comfyui_reads_it():
+    import tomllib
+
     from comfy_config import config_parser
     config = config_parser.extract_node_configuration(PACK_DIR)
     project, comfy = config.project, config.tool_comfy
+    with open(os.path.join(PACK_DIR, "pyproject.toml"), "rb") as f:
+        written = tomllib.load(f)  # what ComfyUI's parser must have read, value for value
     # registry rules for the node id: < 100 characters, letters/digits/-/_/., no consecutive specials,
     # starting with a letter; and the advice not to put "ComfyUI" in it
     assert len(project.name) < 100 and re.fullmatch(r"[A-Za-z](?:[A-Za-z0-9]|[-_.](?=[A-Za-z0-9]))*", project.name)
     assert "comfyui" not in project.name.lower()
     assert re.fullmatch(r"\d+\.\d+\.\d+", project.version)
-    assert project.description and project.urls.repository.startswith("https://")
+    assert (project.name, project.version, project.description, project.urls.repository) == (
+        written["project"]["name"], written["project"]["version"], written["project"]["description"],
+        written["project"]["urls"]["Repository"])
+    assert project.urls.repository.startswith("https://")
     assert project.license.file == "LICENSE" and os.path.getsize(os.path.join(PACK_DIR, "LICENSE")) > 500
     assert project.supported_os == ["OS Independent"]
     assert "GPU :: NVIDIA CUDA" in project.supported_accelerators  # only the registry's known values pass the parser
-    assert comfy.publisher_id and comfy.display_name
+    assert (comfy.publisher_id, comfy.display_name) == (written["tool"]["comfy"]["PublisherId"],
+                                                        written["tool"]["comfy"]["DisplayName"])
 
 
 def test_icon_is_the_repository_file_the_registry_accepts():

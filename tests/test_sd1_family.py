@@ -11,7 +11,7 @@ import torch
 import comfy.supported_models
 from comfy_graph import folder_models, txt2img
 from conftest import pack
-from tiny_models import SD1_MAX_LENGTH, SD1_VARIANT, write_tokenizer_transformers5
+from tiny_models import SD1_MAX_LENGTH, SD1_TEXT_CONFIG, SD1_UNET_CONFIG, SD1_VARIANT, write_tokenizer_transformers5
 
 pytestmark = pytest.mark.slow  # the marks of this module (registered in pyproject.toml)
 
@@ -92,7 +92,7 @@ def test_recipe_follows_the_stock_pipeline(model_folders, masked_folder, record_
     assert loaders.chinese_clip.recipe_of(clip) == \
         f"diffusers StableDiffusionPipeline: {SD1_MAX_LENGTH} tokens, no attention mask"
     ref = pipeline_encode(plain, PROMPTS)
-    assert ours.shape == ref.shape == (len(PROMPTS), SD1_MAX_LENGTH, 768)
+    assert ours.shape == ref.shape == (len(PROMPTS), SD1_MAX_LENGTH, SD1_TEXT_CONFIG["hidden_size"])
     diff = (ours - ref).abs().max().item()
     record_parity("conditioning sd1 BERT, stock pipeline recipe (no mask)", diff, 1e-5)
     assert diff <= 1e-5
@@ -109,7 +109,8 @@ def test_recipe_follows_the_stock_pipeline(model_folders, masked_folder, record_
 def test_unet_is_loaded_as_sd1_family(model_folders):
     model = loaders.unet.load_unet(os.path.join(model_folders[SD1_VARIANT], "unet"), dtype=torch.float32)
     assert isinstance(model.model.model_config, comfy.supported_models.SD15)
-    assert model.model.model_config.unet_config["num_heads"] == 4  # from config.json, not the SD1 default
+    # from config.json, not the SD1 default of 8 heads
+    assert model.model.model_config.unet_config["num_heads"] == SD1_UNET_CONFIG["attention_head_dim"] != 8
 
 
 def test_txt2img_matches_diffusers_stable_diffusion_pipeline(model_folders, record_parity):

@@ -1,11 +1,17 @@
 """Through the real host: a ComfyUI server started on 127.0.0.1 runs API-format workflows with the pack."""
 
 import io
+import json
 import os
+import re
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from comfy_graph import (DECODE, LOADER, NEGATIVE, NEGATIVE_PROMPT, POSITIVE, PROMPT, SAMPLER, SAVE, folder_models,
+                         txt2img, txt2img_workflow, with_loaders)
 from comfy_server import ComfySocket, pack_warnings
 from conftest import COMFYUI_PATH, NODE_IDS, PACK_DIR, place
 
@@ -27,26 +33,6 @@ def server(comfy, model_folders, converted, tmp_path_factory):
     place(comfy, "text_encoders", "中文_vae_not_a_text_encoder.safetensors", vae_file)
     comfy.forget()
     return comfy
-
-
-def txt2img(loader_nodes, clip_ref, model_ref, vae_ref, encode_type="ChineseSD_CLIPTextEncode", seed=7):
-    encode_inputs = {"long_prompt": "truncate"} if encode_type == "ChineseSD_CLIPTextEncode" else {}
-    return {
-        **loader_nodes,
-        "pos": {"class_type": encode_type, "inputs": {"clip": clip_ref, "text": "中国山水画", **encode_inputs}},
-        "neg": {"class_type": encode_type, "inputs": {"clip": clip_ref, "text": "模糊的", **encode_inputs}},
-        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": WIDTH, "height": HEIGHT, "batch_size": 1}},
-        "sample": {"class_type": "KSampler", "inputs": {
-            "model": model_ref, "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
-            "seed": seed, "steps": 4, "cfg": 7.5, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
-        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": vae_ref}},
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "chinese_sd"}},
-    }
-
-
-def folder_loader(name="csd_eps_safetensors"):
-    return {"load": {"class_type": "ChineseSD_ModelScopeLoader", "inputs": {
-        "model_folder": name, "prediction": "auto", "unet_dtype": "default", "text_encoder_dtype": "default"}}}
 
 
 def assert_png(server, entry, size):
@@ -75,79 +61,101 @@ def test_nodes_are_registered_with_the_model_folders(server):
     assert "csd_eps_safetensors/text_encoder" in options("ChineseSD_CLIPLoader", "clip_name")
 
 
+def pixels(img):
+    return np.asarray(img.convert("RGB")).astype(int)
+
+
 @pytest.mark.parametrize("name", ["csd_eps_safetensors", "csd_v_bin", "sd1_bert"])
-def test_txt2img_with_the_folder_loader_returns_a_png(server, name):
-    entry = server.run_prompt(txt2img(folder_loader(name), ["load", 1], ["load", 0], ["load", 2]))
+def test_txt2img_with_the_folder_loader_returns_the_graphs_picture(server, name):
+    """The server's PNG is the picture the same graph makes in-process (the pack's nodes, ComfyUI's KSampler and
+    VAE Decode, fp32), as SaveImage writes it (8 bits, truncated)."""
+    entry = server.run_prompt(txt2img_workflow(name, unet_dtype="fp32", text_encoder_dtype="fp32"))
     img = assert_png(server, entry, (WIDTH, HEIGHT))
-    assert any(lo < hi for lo, hi in img.getextrema())  # not a flat image
+    with torch.no_grad():
+        ours = txt2img(*folder_models(name), PROMPT, NEGATIVE_PROMPT, 7, 4, 7.5, WIDTH, HEIGHT)
+    expected = np.clip(255.0 * ours[0].numpy(), 0, 255).astype(np.uint8).astype(int)
+    assert np.abs(pixels(img) - expected).max() <= 1  # float noise between two processes' threads
+    assert expected.std() > 5  # a picture, not a flat image
 
 
 def test_separate_loaders_with_stock_clip_text_encode(server):
-    loaders = {
-        **folder_loader(),
+    """The pack's CLIP through ComfyUI's stock CLIP Text Encode gives the conditioning (and so the picture) of the
+    pack's own encode node (the ModelScope recipe is the CLIP's)."""
+    separate = {
         "clip": {"class_type": "ChineseSD_CLIPLoader", "inputs": {
             "clip_name": "csd_eps_safetensors/text_encoder", "dtype": "default", "device": "cpu"}},
         "unet": {"class_type": "ChineseSD_UNetLoader", "inputs": {
             "unet_name": "csd_v_bin/unet", "prediction": "auto", "weight_dtype": "default"}},
     }
-    entry = server.run_prompt(txt2img(loaders, ["clip", 0], ["unet", 0], ["load", 2], encode_type="CLIPTextEncode"))
-    assert_png(server, entry, (WIDTH, HEIGHT))
+    stock = with_loaders(txt2img_workflow(), separate, model=["unet", 0], clip=["clip", 0], encode="CLIPTextEncode")
+    pack_encode = with_loaders(txt2img_workflow(), separate, model=["unet", 0], clip=["clip", 0])
+    assert {stock[n]["class_type"] for n in (POSITIVE, NEGATIVE)} == {"CLIPTextEncode"}
+    a = pixels(assert_png(server, server.run_prompt(stock), (WIDTH, HEIGHT)))
+    b = pixels(assert_png(server, server.run_prompt(pack_encode), (WIDTH, HEIGHT)))
+    assert np.array_equal(a, b)
 
 
 def test_hires_fix_and_img2img_with_stock_nodes(server):
-    graph = txt2img(folder_loader(), ["load", 1], ["load", 0], ["load", 2])
-    first_pass = graph.pop("decode")["inputs"]["samples"]
+    graph = txt2img_workflow()
+    first_pass = graph.pop(DECODE)["inputs"]["samples"]
     graph.update({
         "upscale": {"class_type": "LatentUpscale", "inputs": {"samples": first_pass, "upscale_method": "nearest-exact",
                                                               "width": 2 * WIDTH, "height": 2 * HEIGHT, "crop": "disabled"}},
-        "hires": {"class_type": "KSampler", "inputs": {**graph["sample"]["inputs"], "latent_image": ["upscale", 0],
+        "hires": {"class_type": "KSampler", "inputs": {**graph[SAMPLER]["inputs"], "latent_image": ["upscale", 0],
                                                        "denoise": 0.5}},
-        "hires_image": {"class_type": "VAEDecode", "inputs": {"samples": ["hires", 0], "vae": ["load", 2]}},
-        "encode": {"class_type": "VAEEncode", "inputs": {"pixels": ["hires_image", 0], "vae": ["load", 2]}},
-        "img2img": {"class_type": "KSampler", "inputs": {**graph["sample"]["inputs"], "latent_image": ["encode", 0],
+        "hires_image": {"class_type": "VAEDecode", "inputs": {"samples": ["hires", 0], "vae": [LOADER, 2]}},
+        "encode": {"class_type": "VAEEncode", "inputs": {"pixels": ["hires_image", 0], "vae": [LOADER, 2]}},
+        "img2img": {"class_type": "KSampler", "inputs": {**graph[SAMPLER]["inputs"], "latent_image": ["encode", 0],
                                                          "denoise": 0.6}},
-        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["img2img", 0], "vae": ["load", 2]}},
+        DECODE: {"class_type": "VAEDecode", "inputs": {"samples": ["img2img", 0], "vae": [LOADER, 2]}},
     })
-    assert_png(server, server.run_prompt(graph), (2 * WIDTH, 2 * HEIGHT))
+    final = pixels(assert_png(server, server.run_prompt(graph), (2 * WIDTH, 2 * HEIGHT)))
+    graph[SAVE]["inputs"]["images"] = ["hires_image", 0]  # the same graph saving the hires pass instead
+    hires = pixels(assert_png(server, server.run_prompt(graph), (2 * WIDTH, 2 * HEIGHT)))
+    assert np.abs(final - hires).mean() > 1  # img2img repainted the hires picture it was given
 
 
 def test_user_errors_are_one_clear_message_and_the_server_keeps_running(server):
     broken_unet = {"unet": {"class_type": "ChineseSD_UNetLoader", "inputs": {
-        "unet_name": "truncated.safetensors", "prediction": "auto", "weight_dtype": "default"}}, **folder_loader()}
-    entry = server.run_prompt(txt2img(broken_unet, ["load", 1], ["unet", 0], ["load", 2]))
+        "unet_name": "truncated.safetensors", "prediction": "auto", "weight_dtype": "default"}}}
+    entry = server.run_prompt(with_loaders(txt2img_workflow(), broken_unet, model=["unet", 0]))
     assert entry["status"]["status_str"] == "error"
     (err,) = errors(entry)
-    assert err["exception_type"].endswith("ModelLoadError")
+    assert err["exception_type"].endswith("ModelLoadError") and err["node_id"] == "unet"
     assert "truncated.safetensors" in err["exception_message"] and "not valid safetensors" in err["exception_message"]
 
     wrong_kind = {"clip": {"class_type": "ChineseSD_CLIPLoader", "inputs": {
-        "clip_name": "中文_vae_not_a_text_encoder.safetensors", "dtype": "default", "device": "default"}},
-        **folder_loader()}
-    entry = server.run_prompt(txt2img(wrong_kind, ["clip", 0], ["load", 0], ["load", 2]))
+        "clip_name": "中文_vae_not_a_text_encoder.safetensors", "dtype": "default", "device": "default"}}}
+    entry = server.run_prompt(with_loaders(txt2img_workflow(), wrong_kind, clip=["clip", 0]))
     (err,) = errors(entry)
     message = err["exception_message"]
     assert "中文_vae_not_a_text_encoder.safetensors" in message and "a VAE" in message and "expected a Chinese-CLIP" in message
 
     # still serving: the next prompt succeeds
-    entry = server.run_prompt(txt2img(folder_loader(), ["load", 1], ["load", 0], ["load", 2], seed=8))
+    entry = server.run_prompt(txt2img_workflow(seed=8))
     assert_png(server, entry, (WIDTH, HEIGHT))
     assert server.proc.poll() is None
 
 
 def test_chinese_translations_are_served(server):
+    """/i18n serves the pack's Chinese node definitions as locales/zh/nodeDefs.json has them, one for every input."""
     zh = server.get_json("/i18n")["zh"]["nodeDefs"]
     info = server.get_json("/object_info")
+    with open(os.path.join(PACK_DIR, "locales", "zh", "nodeDefs.json"), encoding="utf-8") as f:
+        shipped = json.load(f)
+    assert set(shipped) == set(NODE_IDS)
     for node_id in NODE_IDS:
-        assert zh[node_id]["display_name"]
+        assert zh[node_id] == shipped[node_id]
+        assert re.search(r"[\u4e00-\u9fff]", zh[node_id]["display_name"])
         schema_inputs = {**info[node_id]["input"]["required"], **info[node_id]["input"].get("optional", {})}
         assert set(zh[node_id]["inputs"]) == set(schema_inputs)
 
 
 def test_converted_checkpoint_and_split_files(server):
-    ckpt = {"load": {"class_type": "ChineseSD_CheckpointLoader", "inputs": {
-        "ckpt_name": "csd_v_bin.safetensors", "prediction": "auto", "unet_dtype": "default",
-        "text_encoder_dtype": "default"}}}
-    assert_png(server, server.run_prompt(txt2img(ckpt, ["load", 1], ["load", 0], ["load", 2])), (WIDTH, HEIGHT))
+    """The converter's all-in-one checkpoint and its split files (the same fp16 weights) give one picture."""
+    ckpt = txt2img_workflow("csd_v_bin.safetensors", kind="checkpoint")
+    assert ckpt[LOADER]["class_type"] == "ChineseSD_CheckpointLoader"
+    whole = pixels(assert_png(server, server.run_prompt(ckpt), (WIDTH, HEIGHT)))
 
     split = {
         "unet": {"class_type": "ChineseSD_UNetLoader", "inputs": {
@@ -156,18 +164,21 @@ def test_converted_checkpoint_and_split_files(server):
             "clip_name": "csd_v_bin_chinese_clip.safetensors", "dtype": "default", "device": "default"}},
         "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "csd_v_bin_vae.safetensors"}},  # stock node
     }
-    assert_png(server, server.run_prompt(txt2img(split, ["clip", 0], ["unet", 0], ["vae", 0])), (WIDTH, HEIGHT))
+    graph = with_loaders(txt2img_workflow(), split, model=["unet", 0], clip=["clip", 0], vae=["vae", 0])
+    assert LOADER not in graph
+    parts = pixels(assert_png(server, server.run_prompt(graph), (WIDTH, HEIGHT)))
+    assert np.array_equal(parts, whole)
 
 
 def test_encode_node_sends_its_recipe_and_count(server):
     """After encoding, each encode node gives the UI (its ui output "chinese_sd_tokens", in ComfyUI's executed
     message, what the token counter shows) the recipe it used and the exact count from the model's own tokenizer."""
     with ComfySocket(server) as ws:
-        entry, _ = ws.run(txt2img(folder_loader(), ["load", 1], ["load", 0], ["load", 2], seed=11))
+        entry, _ = ws.run(txt2img_workflow(seed=11))
         outputs = {m["data"]["node"]: m["data"]["output"] for m in ws.messages if m["type"] == "executed"}
     assert entry["status"]["status_str"] == "success"
     assert not [m for m in ws.messages if m["type"] == "text"]  # no extra text box on the node any more
-    for node, n in (("pos", 5), ("neg", 3)):  # 中国山水画: 5 tokens, 模糊的: 3, counted by the model's tokenizer
+    for node, n in ((POSITIVE, 5), (NEGATIVE, 3)):  # 中国山水画: 5 tokens, 模糊的: 3, counted by the model's tokenizer
         (info,) = outputs[node]["chinese_sd_tokens"]
         assert info["recipe"] == "ModelScope Chinese SD pipeline: 52 tokens, attention mask"
         assert (info["tokens"], info["dropped"], info["summary"]) == (n, 0, f"tokens: {n} / 50")
@@ -185,6 +196,5 @@ def test_pack_warnings_are_recognised():
 def test_no_warnings_from_the_pack_in_the_server_log(server):
     """Run last in this module: the server started, loaded the pack, and ran every graph above with Python's
     warnings on; none of them came from the pack (ComfyUI's own, e.g. aiohttp's, are not ours to fix)."""
-    assert server.run_prompt(txt2img(folder_loader(), ["load", 1], ["load", 0], ["load", 2]))["status"]["status_str"] \
-        == "success"
+    assert_png(server, server.run_prompt(txt2img_workflow(seed=12)), (WIDTH, HEIGHT))
     assert pack_warnings(server.log_text()) == []

@@ -160,22 +160,24 @@ def test_shape_of_every_chinese_clip_tower_is_read_from_the_weights(layers, hidd
     text_tower.check_complete(bert, found, "meta")
 
 
+RBT3 = dict(vocab_size=21128, hidden_size=768, num_hidden_layers=3, num_attention_heads=12, intermediate_size=3072)
+
+
 def test_rbt3_shaped_tower_matches_the_reference(tmp_path, record_parity):
     """A real RBT3-shaped tower (3 x 768), as a lone weights file, against transformers."""
     from transformers import BertTokenizer, ChineseCLIPTextConfig, ChineseCLIPTextModel
     torch.manual_seed(5)
     folder = tmp_path / "rbt3"
-    ChineseCLIPTextModel(ChineseCLIPTextConfig(vocab_size=21128, hidden_size=768, num_hidden_layers=3,
-                                               num_attention_heads=12, intermediate_size=3072)).save_pretrained(folder)
+    ChineseCLIPTextModel(ChineseCLIPTextConfig(**RBT3)).save_pretrained(folder)
     BertTokenizer(os.path.join(text_tower.SHIPPED_TOKENIZER, "vocab.txt")).save_pretrained(folder)
     lone = tmp_path / "rbt3_text.safetensors"
     os.replace(folder / "model.safetensors", lone)
     (folder / "model.safetensors").symlink_to(lone)
     tower = text_tower.read_text_encoder(str(lone))
-    assert tower.config["num_hidden_layers"] == 3 and tower.config["hidden_size"] == 768
+    assert {k: tower.config[k] for k in RBT3} == RBT3  # the shape, from the weights alone
     ours = encode_all(tower)
     ref = reference_encode(str(folder), str(folder), PROMPTS)
-    assert ours.shape == (len(PROMPTS), REFERENCE_LENGTH, 768)
+    assert ours.shape == (len(PROMPTS), REFERENCE_LENGTH, RBT3["hidden_size"])
     diff = (ours - ref).abs().max().item()
     record_parity("conditioning RBT3-shaped lone file vs transformers", diff, 1e-5)
     assert diff <= 1e-5
