@@ -1,4 +1,4 @@
-"""The benchmarks' models, built once by their real producers (standins/model_folder.py) and cached.
+"""The benchmarks' models, built once by their real producers (benchmarks/standins/model_folder.py) and cached.
 
 The cache lives outside the repository, in $CNSD_BENCH_CACHE (default
 ${XDG_CACHE_HOME:-~/.cache}/comfyui-chinese-sd-bench/<BUILD_VERSION>/):
@@ -67,7 +67,7 @@ def _build_full(tmp):
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from standins import model_folder
+    from benchmarks.standins import model_folder
 
     _log("the ModelScope layout: ChineseCLIPTextModel 24 x 1024, SD 2.1 UNet2DConditionModel, SD AutoencoderKL")
     model_folder.write_model({os.path.join(tmp, FOLDERS["bin"]): ("bin", torch.float32),
@@ -102,7 +102,7 @@ def build(root=None, full=True):
     """Build what is missing (full: the full-size models, about 10 GB; always the tiny model); returns paths()."""
     if PACK_DIR not in sys.path:
         sys.path.append(PACK_DIR)
-    from standins import model_folder
+    from benchmarks.standins import model_folder
     p = paths(root)
     _once(p["tiny"], lambda tmp: model_folder.write_tiny(tmp, "safetensors", PREDICTION, BETA_END), "the tiny model")
     if full:

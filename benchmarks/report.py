@@ -19,7 +19,7 @@ ORDER = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B12", "B1
 TITLES = {"B1": "B1 text encode", "B2": "B2 loads: folder loader vs ComfyUI's stock loaders",
           "B3": "B3 checkpoint loader vs folder loader", "B4": "B4 sampling speed",
           "B5": "B5 converter vs a bare torch yardstick", "B6": "B6 first image, cold",
-          "B7": "B7 tokenize only", "B8": "B8 a 1,000,000-character prompt through a server",
+          "B7": "B7 tokenize only", "B8": "B8 the longest prompt the pack reads (10,000 characters) through a server",
           "B9": "B9 fp8 UNet weights", "B10": "B10, B11 the model from ModelScope: download, then load",
           "B12": "B12 many prompts: one batch vs single runs",
           "B13": "B13 the batch client's overhead per row"}
@@ -199,8 +199,7 @@ def b7(d):
                       "splits the prompt into words before it calls the same fast tokenizer, and pads windows; that "
                       "parse is the difference (profiled: `tokenize_with_weights` and `parse_parentheses` in "
                       "`comfy/sd1_clip.py`). It is paid once per prompt; compare B1's time to encode one."]
-        lines += ["", f"Truncate mode beyond the window: 1,000,000 characters cost {env['growth']:.2f}× what 10,000 "
-                  "do (the fast tokenizer's cost grows with the prompt).", ""]
+        lines.append("")
     if len(d["environments"]) == 1:
         lines.append("The transformers 4 environment was not given (CNSD_BENCH_TF4_PYTHON / CNSD_BENCH_TF4_COMFYUI, "
                      "set by benchmarks/run.sh).")
@@ -209,21 +208,21 @@ def b7(d):
 
 def b8(d):
     return ["ComfyUI's server (CPU) with the full-size text tower loaded once (Load Chinese-CLIP Text Encoder, "
-            "default dtype); each round queues a short prompt, then a 1,000,000-character prompt (truncate mode, "
+            "default dtype); each round queues a short prompt, then a 10,000-character prompt (the longest the pack reads; truncate mode, "
             "different each round), then a short one; time from queueing to the history entry; the server's RSS "
             f"two seconds after. {d['rounds']} rounds.", "",
             "| | value |", "|---|---|",
             f"| short prompt (queue to done) | {fmt(d['short'])} |",
-            f"| 1,000,000-character prompt (queue to done) | {fmt(d['long'])} |",
+            f"| 10,000-character prompt (queue to done) | {fmt(d['long'])} |",
             f"| short prompt after it | {fmt(d['short_after'])} |",
             f"| server RSS before the long prompt | {fmt(d['rss_before'], 'MiB', 0)} |",
             f"| server RSS right after it | {fmt(d['rss_after_run'], 'MiB', 0)} |",
             f"| server RSS after the next prompt | {fmt(d['rss_after'], 'MiB', 0)} |",
             f"| RSS after − before | {fmt(d['rss_growth'], 'MiB', 0)} |",
-            f"| 1,000,000-character prompt − the short one before it | {fmt(d['extra'])} |", "",
+            f"| 10,000-character prompt − the short one before it | {fmt(d['extra'])} |", "",
             "What the prompt's length adds is the difference of the two: the rest is the encode itself (the 24×1024 "
             "text tower on a busy CPU, see B1) and the server's round trip, the same for any prompt; the tokenizing "
-            "of a 1,000,000-character prompt alone is in B7."]
+            "of a 10,000-character prompt alone is in B7."]
 
 
 def b9(d):
@@ -242,7 +241,7 @@ def b9(d):
 
 def b10(d):
     lines = [f"The fp16 `.safetensors` model folder ({d['files']} files the loaders read, {d['gib']:.2f} GiB) served "
-             "by `standins/hub.py` on 127.0.0.1 under the model's id; each round downloads it into an empty folder "
+             "by `benchmarks/standins/hub.py` on 127.0.0.1 under the model's id; each round downloads it into an empty folder "
              "(a fresh process each): the pack's `loaders.download.ensure_model` (listing checked, staging folder, "
              "sha256 checked by the client, moved into place, record written) against the client's own "
              "`HubApi().download_repo(..., allow_patterns=<the same files>)`.", "",
@@ -300,7 +299,7 @@ SECTIONS = {"B1": b1, "B2": b2, "B3": b3, "B4": b4, "B5": b5, "B6": b6, "B7": b7
 
 METHOD = """\
 - **Models**: built once into `${XDG_CACHE_HOME:-~/.cache}/comfyui-chinese-sd-bench/` (outside the repository)
-  by `benchmarks/build.py` with their real producers (`standins/model_folder.py`): the ModelScope layout as fp32
+  by `benchmarks/build.py` with their real producers (`benchmarks/standins/model_folder.py`): the ModelScope layout as fp32
   `.bin` (torch.save of the state dict, as transformers 4 wrote it) and as fp16 `.safetensors`, plus ComfyUI's
   native SD2.1 text encoder of equal size (OpenCLIP ViT-H text tower, 24×1024, in the layout ComfyUI's Load CLIP
   reads) for the stock comparisons. DDIM scheduler config, epsilon prediction. B12 and B13 use the tiny model

@@ -13,7 +13,7 @@ def load_checkpoint(path, prediction="auto", unet_dtype=None, clip_dtype=None, c
                     embedding_directory=None, unet_options=None):
     path = os.fspath(path)
     meta = read_metadata(path)
-    expected = "an all-in-one Chinese SD checkpoint written by this pack's converter (python -m loaders.convert)"
+    expected = "an all-in-one Chinese SD checkpoint written by this pack's converter (python -m runner.convert)"
     if metadata.version(meta, path) is None:
         found = "no chinese_sd metadata" if path.lower().endswith((".safetensors", ".sft")) else "a non-safetensors file"
         raise ModelLoadError(path, found, expected)

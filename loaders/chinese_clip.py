@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 NAME = recipes.KEY
 LONG_PROMPT_OPTION = f"{NAME}_long_prompt"
 LONG_PROMPT_MODES = ("truncate", "chunk")
+EVERY_WINDOW = f"{NAME}_every_window"  # tokenizer option: True returns every window, also those truncate mode drops
 MAX_WINDOWS = 32     # chunk mode: at most this many windows (1,600 tokens for ModelScope's recipe); more is refused
 MAX_CHARS = 10_000   # characters of a prompt that are read (6x what chunk mode's windows hold); longer is refused
 # Prompt weights: ComfyUI multiplies by 1.1 per pair of parentheses and reads (word:w); a weight beyond
@@ -135,14 +136,20 @@ class ChineseCLIPTokenizer(sd1_clip.SDTokenizer):
     def tokenize_with_weights(self, text, return_word_ids=False, tokenizer_options={}, **kwargs):
         mode = tokenizer_options.get(LONG_PROMPT_OPTION, "truncate")
         windows = self.windows(text, mode, tokenizer_options=tokenizer_options, **kwargs)
-        if mode != "chunk" and len(windows) > 1:
-            special = {self.start_token, self.end_token, self.pad_token}
-            dropped = sum(1 for w in windows[1:] for t in w if not (isinstance(t[0], int) and t[0] in special))
-            log.warning("Chinese-CLIP prompt is longer than %d tokens: %d tokens were dropped (truncate mode, as the "
-                        "reference pipeline does). Choose 'chunk' on the encode node to keep them.",
-                        self.max_length, dropped)
-            windows = windows[:1]
+        if not tokenizer_options.get(EVERY_WINDOW):
+            windows = self.kept(windows, mode)
         return windows if return_word_ids else [[t[:2] for t in w] for w in windows]
+
+    def kept(self, windows, mode="truncate"):
+        """The windows the encode uses of every window of a prompt: the first in truncate mode (with a warning in
+        the log saying how many tokens that drops), all in chunk mode."""
+        if mode == "chunk" or len(windows) <= 1:
+            return windows
+        special = {self.start_token, self.end_token, self.pad_token}
+        dropped = sum(1 for w in windows[1:] for t in w if not (isinstance(t[0], int) and t[0] in special))
+        log.warning("Chinese-CLIP prompt is longer than %d tokens: %d tokens were dropped (truncate mode, as the "
+                    "reference pipeline does). Choose 'chunk' on the encode node to keep them.", self.max_length, dropped)
+        return windows[:1]
 
     def windows(self, text, mode="truncate", **kwargs):
         """Every window (tokens with weights and word ids) of ComfyUI's tokenization of text, less the characters

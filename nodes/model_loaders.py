@@ -76,12 +76,12 @@ class CheckpointLoader(io.ComfyNode):
             display_name="Load Chinese SD Checkpoint",
             category="loaders/Chinese Stable Diffusion",
             description="Loads UNet, Chinese-CLIP text encoder and VAE from one .safetensors file in "
-                        "models/checkpoints/ written by this pack's converter (python -m loaders.convert); "
+                        "models/checkpoints/ written by this pack's converter (python -m runner.convert); "
                         "prediction type and noise schedule come from the file's metadata.",
             inputs=[
                 io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
                                tooltip="An all-in-one .safetensors file in models/checkpoints/ written by this "
-                                       "pack's converter (python -m loaders.convert)."),
+                                       "pack's converter (python -m runner.convert)."),
                 *choices.model_loader_inputs("auto uses the prediction type recorded in the file."),
             ],
             outputs=choices.model_loader_outputs(),

@@ -78,13 +78,17 @@ class ChineseCLIPTextEncode(io.ComfyNode):
         if clip is None:
             raise RuntimeError("ERROR: clip input is invalid: None\n\nIf the clip is from a checkpoint loader node "
                                "your checkpoint does not contain a valid clip or text encoder model.")
-        tokens = clip.tokenize(text, tokenizer_options={chinese_clip.LONG_PROMPT_OPTION: long_prompt})
-        conditioning = clip.encode_from_tokens_scheduled(tokens)
+        options = {chinese_clip.LONG_PROMPT_OPTION: long_prompt}
         recipe = chinese_clip.recipe_of(clip)
         if recipe is None:  # not the pack's CLIP: its count is not ours to tell
-            return io.NodeOutput(conditioning)
-        stats = token_count.count(clip.tokenizer, text, long_prompt)
-        info = {**token_count.worded(stats), "recipe": recipe}
+            return io.NodeOutput(clip.encode_from_tokens_scheduled(clip.tokenize(text, tokenizer_options=options)))
+        # one tokenization for the encode and the count: every window, of which the encode keeps what the mode keeps
+        tokens = clip.tokenize(text, tokenizer_options={**options, chinese_clip.EVERY_WINDOW: True})
+        tokenizer = token_count.inner_tokenizer(clip.tokenizer)
+        windows = tokens[chinese_clip.NAME]
+        conditioning = clip.encode_from_tokens_scheduled({**tokens,
+                                                          chinese_clip.NAME: tokenizer.kept(windows, long_prompt)})
+        info = {**token_count.worded(token_count.stats(windows, tokenizer, long_prompt)), "recipe": recipe}
         # ComfyUI sends a node's ui output to the page in its "executed" message (also when the node's output
         # comes from its cache): the counter's exact count, web/js/token_counter.js; the run command's line
         return io.NodeOutput(conditioning, ui={UI_OUTPUT: [info]})

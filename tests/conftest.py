@@ -65,8 +65,8 @@ def fixture_root(model_folders):
 @pytest.fixture(scope="session")
 def model_hub(model_folders):
     """A stand-in ModelScope hub on 127.0.0.1 serving the tiny ModelScope-layout model under the real model's id
-    (standins/hub.py); tests set its faults and read its request log (both reset by `hub_clean`)."""
-    from standins.hub import StandInHub
+    (benchmarks/standins/hub.py); tests set its faults and read its request log (both reset by `hub_clean`)."""
+    from benchmarks.standins.hub import StandInHub
     with StandInHub({pack.loaders.download.MODEL_ID: model_folders["csd_eps_safetensors"]}) as hub:
         yield hub
 

@@ -1,5 +1,5 @@
 """The model fetched from ModelScope (loaders/download.py, issue 22) with ModelScope's own client (modelscope-hub)
-against a stand-in hub that speaks its protocol (standins/hub.py): directly, and through a real ComfyUI whose
+against a stand-in hub that speaks its protocol (benchmarks/standins/hub.py): directly, and through a real ComfyUI whose
 ModelScope-folder loader downloads the model the shipped txt2img workflow names."""
 
 import hashlib
@@ -19,7 +19,7 @@ from comfy_graph import LOADER, txt2img_workflow
 from comfy_server import ComfyServer, ComfySocket
 from conftest import COMFYUI_PATH, pack
 from runner.workflow import WORKFLOWS, load_workflow
-from standins.hub import StandInHub, folder_listing
+from benchmarks.standins.hub import StandInHub, folder_listing
 
 pytestmark = pytest.mark.fuzz  # the marks of this module (registered in pyproject.toml)
 

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from comfy_server import TERMINAL_EVENTS, ComfyServer, ComfySocket
+from comfy_graph import DECODE, LOADER, NEGATIVE, POSITIVE, SAMPLER, SAVE, txt2img_workflow
 from conftest import COMFYUI_PATH
 
 SIZE = 32  # image side: a 4x4 latent keeps every step (and the full-size VAE decode) cheap
@@ -36,29 +37,16 @@ def ws(server):
 
 def txt2img(folder="csd_eps_safetensors", unet_dtype="default", text_encoder_dtype="default", seed=0, steps=1,
             size=SIZE, prefix="stress", text="中国山水画"):
-    """The cheapest graph that really uses the loader's MODEL, CLIP and VAE: two encodes, a KSampler, a decode."""
-    return {
-        "load": {"class_type": "ChineseSD_ModelScopeLoader", "inputs": {
-            "model_folder": folder, "prediction": "auto", "unet_dtype": unet_dtype,
-            "text_encoder_dtype": text_encoder_dtype}},
-        "pos": {"class_type": "ChineseSD_CLIPTextEncode", "inputs": {
-            "clip": ["load", 1], "text": text, "long_prompt": "truncate"}},
-        "neg": {"class_type": "ChineseSD_CLIPTextEncode", "inputs": {
-            "clip": ["load", 1], "text": "模糊的", "long_prompt": "truncate"}},
-        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
-        "sample": {"class_type": "KSampler", "inputs": {
-            "model": ["load", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
-            "seed": seed, "steps": steps, "cfg": 7.5, "sampler_name": "euler", "scheduler": "simple",
-            "denoise": 1.0}},
-        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["load", 2]}},
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": prefix}},
-    }
+    """The cheapest graph that really uses the loader's MODEL, CLIP and VAE: the shipped txt2img workflow with
+    one step at SIZE."""
+    return txt2img_workflow(folder, prompt=text, negative="模糊的", seed=seed, steps=steps, width=size, height=size,
+                            unet_dtype=unet_dtype, text_encoder_dtype=text_encoder_dtype, prefix=prefix)
 
 
 def the_image(server, entry, prefix, size=SIZE):
     """The PNG bytes of the one image a successful prompt saved, checked to be its own (its filename prefix)."""
     assert entry["status"]["status_str"] == "success", entry["status"]
-    (image,) = entry["outputs"]["save"]["images"]
+    (image,) = entry["outputs"][SAVE]["images"]
     assert image["filename"].startswith(prefix + "_"), (prefix, image)
     (png,) = server.output_images(entry)
     img = Image.open(io.BytesIO(png))
@@ -94,7 +82,7 @@ def test_reloading_models_does_not_leak_memory(server, ws):
         entry, _ = ws.run(txt2img(folder, unet_dtype, text_encoder_dtype, seed=cycle, prefix=prefix))
         the_image(server, entry, prefix)
         # the loader's inputs changed, so it really loaded the models again (nothing came from the cache)
-        assert {"load", "pos", "neg", "sample", "decode"} <= executed_nodes(ws, entry["prompt"][1])
+        assert {LOADER, POSITIVE, NEGATIVE, SAMPLER, DECODE} <= executed_nodes(ws, entry["prompt"][1])
         rss.append(proc.memory_info().rss)
         # three alternations: the allocator's arenas have grown to their working size (a CI run of 0.3.52 beside
         # 0.33 reached it only at cycle 5: 1405, 1482, 1411, 1482, 1559, 1633 MiB, then flat at ~1,610-1,715 here)
@@ -137,7 +125,7 @@ def test_interrupt_stops_a_long_run_and_the_next_prompt_runs(server, ws):
 
     def sampling(message):
         return message["type"] == "progress" and message["data"]["prompt_id"] == prompt_id and \
-            message["data"]["node"] == "sample"
+            message["data"]["node"] == SAMPLER
 
     def ended(message):
         return message["type"] in TERMINAL_EVENTS and message["data"]["prompt_id"] == prompt_id
@@ -148,13 +136,13 @@ def test_interrupt_stops_a_long_run_and_the_next_prompt_runs(server, ws):
     assert server.post("/interrupt", {"prompt_id": prompt_id}) == 200
     end = ws.wait_finished(prompt_id)
     assert end["type"] == "execution_interrupted", end
-    assert end["data"]["node_id"] == "sample"
+    assert end["data"]["node_id"] == SAMPLER
     done = max(m["data"]["value"] for m in ws.messages if sampling(m))
     assert done < steps, "the run finished before the interrupt arrived"
     entry = history(server, prompt_id)
     assert entry["status"]["status_str"] == "error"
     assert "execution_interrupted" in [event for event, _ in entry["status"]["messages"]]
-    assert not entry["outputs"].get("save")  # nothing was saved
+    assert not entry["outputs"].get(SAVE)  # nothing was saved
     print(f"\ninterrupted after {done} of {steps} steps")
 
     entry, _ = ws.run(txt2img(seed=6, prefix="after_interrupt"))
@@ -166,15 +154,15 @@ def test_changing_only_the_seed_reuses_the_loaded_model_and_the_encodings(server
     entry, _ = ws.run(graph)
     first = the_image(server, entry, "cache")
 
-    graph["sample"]["inputs"]["seed"] = 22  # nothing else changes
+    graph[SAMPLER]["inputs"]["seed"] = 22  # nothing else changes
     entry, _ = ws.run(graph)
     second = the_image(server, entry, "cache")
     assert second != first
 
     prompt_id = entry["prompt"][1]
     (cached,) = ws.messages_of(prompt_id, "execution_cached")
-    assert {"load", "pos", "neg"} <= set(cached["data"]["nodes"]), cached
-    assert "sample" not in cached["data"]["nodes"]
+    assert {LOADER, POSITIVE, NEGATIVE} <= set(cached["data"]["nodes"]), cached
+    assert SAMPLER not in cached["data"]["nodes"]
     executed = executed_nodes(ws, prompt_id)
-    assert "sample" in executed and "decode" in executed
-    assert not executed & {"load", "pos", "neg"}, executed
+    assert SAMPLER in executed and DECODE in executed
+    assert not executed & {LOADER, POSITIVE, NEGATIVE}, executed

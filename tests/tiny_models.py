@@ -1,6 +1,6 @@
 """Deterministic tiny Chinese Stable Diffusion folders in the exact ModelScope/diffusers layout.
 
-Each component is written by its real producer (standins/model_folder.py: transformers' and diffusers'
+Each component is written by its real producer (benchmarks/standins/model_folder.py: transformers' and diffusers'
 save_pretrained, the published tokenizer files and .bin weights whatever transformers is installed). Small random
 weights keep the real model's invariants:
 - text_encoder: ChineseCLIPTextModel, hidden 1024 / 16 heads (ViT-H's text width), 2 layers;
@@ -21,8 +21,8 @@ _PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _PACK_DIR not in sys.path:
     sys.path.append(_PACK_DIR)  # after ComfyUI's folder: its nodes.py must win over the pack's nodes/
 from runner.filelock import locked  # noqa: E402  (the product's one file lock)
-from standins import model_folder  # noqa: E402
-from standins.model_folder import (chinese_clip_vocab, save_pretrained,  # noqa: E402,F401
+from benchmarks.standins import model_folder  # noqa: E402
+from benchmarks.standins.model_folder import (chinese_clip_vocab, save_pretrained,  # noqa: E402,F401
                                    write_layout, write_tokenizer, write_tokenizer_transformers5)
 
 VARIANTS = {  # ModelScope Chinese SD layout
