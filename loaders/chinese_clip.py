@@ -70,6 +70,7 @@ class ReferenceText:
         self.fast, self.strip_accents, self.split_chinese = fast, strip_accents, split_chinese
         self._pre, self._norm = fast.backend_tokenizer.pre_tokenizer, fast.backend_tokenizer.normalizer
         self._seen = {}  # character -> what BertTokenizer's view of it is for the Rust tokenizer
+        self._changed = set()  # the characters of _seen given otherwise than they are
 
     def _as_reference(self, char):
         category = unicodedata.category(char)
@@ -86,9 +87,13 @@ class ReferenceText:
         seen = self._seen
         if len(seen) > self.MEMO_SIZE:
             seen.clear()
-        for char in set(text) - seen.keys():
+            self._changed.clear()
+        chars = set(text)
+        for char in chars - seen.keys():
             seen[char] = char if char.isascii() else self._as_reference(char)
-        return "".join(map(seen.__getitem__, text))
+            if seen[char] != char:
+                self._changed.add(char)
+        return text if self._changed.isdisjoint(chars) else "".join(map(seen.__getitem__, text))
 
     def __call__(self, text, *args, **kwargs):
         return self.fast(self.prepare(text), *args, **kwargs)

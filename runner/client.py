@@ -1,21 +1,16 @@
 """The one websocket follower of a ComfyUI server (aiohttp, which every ComfyUI environment has).
 
-It connects as the frontend does, with a client id; prompts it queues report to it. Every JSON message, and
-every TEXT event a node shows (as {"type": "text", "data": {"node": ..., "text": ...}}), is kept in order in
-.messages; next() blocks until the message wanted has arrived, and raise ServerDied when the socket
+It connects as the frontend does, with a client id; prompts it queues report to it. Every JSON message is kept
+in order in .messages (binary ones, previews and node text, go to on_binary, which ignores them); next() blocks until the message wanted has arrived, and raise ServerDied when the socket
 closes or the server exits first.
 """
 
 import json
-import struct
 import threading
 import time
 import uuid
 
 from .process import ServerDied
-
-TEXT_EVENT = 3  # ComfyUI's binary TEXT event: node id length, node id, text
-
 
 class PromptRejected(Exception):
     """POST /prompt answered an error; .status and .body hold ComfyUI's answer."""
@@ -23,17 +18,6 @@ class PromptRejected(Exception):
     def __init__(self, status, body):
         super().__init__(f"prompt rejected ({status}): {body}")
         self.status, self.body = status, body
-
-
-def parse_text_event(data):
-    """(node id, text) of a binary websocket message if it is ComfyUI's TEXT event, else None."""
-    if len(data) < 8:
-        return None
-    (event,) = struct.unpack(">I", data[:4])
-    if event != TEXT_EVENT:
-        return None
-    (n,) = struct.unpack(">I", data[4:8])
-    return data[8:8 + n].decode("utf-8", errors="replace"), data[8 + n:].decode("utf-8", errors="replace")
 
 
 def describe_rejection(body):
@@ -89,6 +73,9 @@ class Follower:
                 break
         self._reader = asyncio.ensure_future(self._read())
 
+    def on_binary(self, data):
+        """A binary message (a preview image, a node's progress text): the command shows none."""
+
     def _append(self, message):
         with self._cond:
             self.messages.append(message)
@@ -102,9 +89,7 @@ class Follower:
                 if msg.type == aiohttp.WSMsgType.TEXT:
                     self._append(json.loads(msg.data))
                 elif msg.type == aiohttp.WSMsgType.BINARY:
-                    text = parse_text_event(msg.data)
-                    if text is not None:
-                        self._append({"type": "text", "data": {"node": text[0], "text": text[1]}})
+                    self.on_binary(msg.data)
             reason = "the websocket closed"
         except Exception as e:  # noqa: BLE001  (reported to whoever waits)
             reason = f"the websocket failed: {e!r}"

@@ -3,6 +3,7 @@
 
 import os
 import re
+import struct
 import sys
 import time
 import urllib.parse
@@ -11,7 +12,7 @@ PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if PACK_DIR not in sys.path:
     sys.path.append(PACK_DIR)  # after ComfyUI's folder: its nodes.py must win over the pack's nodes/
 
-from runner.client import Follower, parse_text_event  # noqa: E402
+from runner.client import Follower  # noqa: E402
 from runner.process import ComfyProcess, comfyui_args, free_port, write_extra_paths  # noqa: E402
 
 __all__ = ["TERMINAL_EVENTS", "WIDGET_TYPES", "ComfyServer", "ComfySocket", "free_port", "is_prompt_done",
@@ -111,9 +112,29 @@ def is_prompt_done(message, prompt_id):
         data.get("prompt_id") == prompt_id
 
 
+TEXT_EVENT = 3  # ComfyUI's binary TEXT event: node id length, node id, text
+
+
+def parse_text_event(data):
+    """(node id, text) of a binary websocket message if it is ComfyUI's TEXT event, else None."""
+    if len(data) < 8:
+        return None
+    (event,) = struct.unpack(">I", data[:4])
+    if event != TEXT_EVENT:
+        return None
+    (n,) = struct.unpack(">I", data[4:8])
+    return data[8:8 + n].decode("utf-8", errors="replace"), data[8 + n:].decode("utf-8", errors="replace")
+
+
 class ComfySocket(Follower):
     """The product's websocket follower (runner.client.Follower) with the test bed's habits: a refused prompt
-    fails the test; waiting for a message, for a prompt's end, running a prompt to its end."""
+    fails the test; waiting for a message, for a prompt's end, running a prompt to its end; every TEXT event a
+    node shows kept in .messages as {"type": "text", "data": {"node": ..., "text": ...}}."""
+
+    def on_binary(self, data):
+        text = parse_text_event(data)
+        if text is not None:
+            self._append({"type": "text", "data": {"node": text[0], "text": text[1]}})
 
     def queue_prompt(self, workflow):
         status, body = self.server.post_json("/prompt", {"prompt": workflow, "client_id": self.client_id})
