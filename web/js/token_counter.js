@@ -319,9 +319,10 @@ function attach(node) {
   });
   widget.serialize = false;
   // The room the counter takes: fixed on the canvas (computeSize: the node never changes size while the user
-  // types). A Vue-rendered node ("Nodes 2.0") gives the widgets that have no computeLayoutSize a row as tall as
-  // their content: the counter's lines, the prompt box the node's free room.
-  widget.computeSize = () => [0, HEIGHT + 2 * MARGIN];
+  // types; LiteGraph adds 4 px to it, the margins take 2 * MARGIN of that). A Vue-rendered node ("Nodes 2.0")
+  // gives the widgets that have no computeLayoutSize a row as tall as their content: the counter's lines, the
+  // prompt box the node's free room.
+  widget.computeSize = () => [0, HEIGHT];
   widget.computeLayoutSize = undefined;
   // The counter has its node's width. (Selecting the node lets the frontend's side panel leave its own, narrower
   // width on the widget, which would wrap the counter's lines until they no longer fit.)
