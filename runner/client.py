@@ -1,8 +1,8 @@
 """The one websocket follower of a ComfyUI server (aiohttp, which every ComfyUI environment has).
 
 It connects as the frontend does, with a client id; prompts it queues report to it. Every JSON message is kept
-in order in .messages (binary ones, previews and node text, go to on_binary, which ignores them); next() blocks until the message wanted has arrived, and raise ServerDied when the socket
-closes or the server exits first.
+in order in .messages (binary ones, previews and node text, go to on_binary, which ignores them); next() blocks
+until the message wanted has arrived, and raises ServerDied when the socket closes or the server exits first.
 """
 
 import json
@@ -11,6 +11,7 @@ import time
 import uuid
 
 from .process import ServerDied
+
 
 class PromptRejected(Exception):
     """POST /prompt answered an error; .status and .body hold ComfyUI's answer."""
