@@ -169,7 +169,8 @@ def column_name(raw):
 
 
 def read_csv(text):
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    # lines end at \n as in the other kinds (csv's own universal newlines would count a lone \r as a line end)
+    reader = csv.reader(io.StringIO(text, newline="\n"), strict=True)
     rows, bad = [], []
     header, start = None, 1
     while True:
@@ -179,8 +180,8 @@ def read_csv(text):
             break
         except csv.Error as e:
             if header is None:
-                raise RunError(f"line {start}: the header row is not CSV ({e})") from None
-            bad.append(BadRow(len(rows) + len(bad) + 1, start, f"not a CSV row ({e})"))
+                raise RunError(f"line {start}: the header row is not CSV ({csv_error(e)})") from None
+            bad.append(BadRow(len(rows) + len(bad) + 1, start, f"not a CSV row ({csv_error(e)})"))
             start = reader.line_num + 1
             continue
         line_no, start = start, reader.line_num + 1
@@ -212,6 +213,13 @@ def read_csv(text):
     if header is None:
         raise RunError("the CSV file has no header row (it names the columns: prompt, seed, ...)")
     return rows, bad
+
+
+def csv_error(e):
+    """csv's error in the file's terms (its own words for a lone \\r speak of Python's file modes)."""
+    if str(e).startswith("new-line character"):
+        return "a carriage return (\\r) alone in an unquoted value: lines end in \\n or \\r\\n"
+    return str(e)
 
 
 def read_jsonl(text):

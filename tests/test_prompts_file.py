@@ -10,7 +10,7 @@ import re
 
 import hypothesis.strategies as st
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 
 from comfy_server import PACK_DIR  # noqa: F401  (puts the pack's folder on sys.path)
 from fuzz import STATS, fuzz_settings, time_limit
@@ -165,6 +165,9 @@ hostile_files = st.one_of(
 
 @fuzz_settings(300)
 @given(case=hostile_files)
+@example(case=(".csv", b'prompt\r\n"\r","\r"\r\n,0\r\n'))  # lone \r: lines are counted at \n, in every kind
+@example(case=(".csv", b"\r0"))
+@example(case=(".csv", b"prompt\ra\rb\r"))
 def test_hostile_files_give_rows_or_line_numbered_errors_never_a_crash(case, tmp_path_factory):
     ext, data = case
     path = tmp_path_factory.mktemp("hostile") / f"p{ext}"
