@@ -37,8 +37,7 @@ log = logging.getLogger("chinese_sd.run")
 
 PACK_NODES = ("ChineseSD_ModelScopeLoader", "ChineseSD_CheckpointLoader", "ChineseSD_CLIPTextEncode")
 AHEAD = 1  # prompts kept queued on a server beyond the one it runs: it never waits on this client
-QUIET_S = 15  # a server whose socket says nothing this long while it holds our prompts is asked over HTTP
-ASK_S = 15  # how long such a question may take before the server counts as gone
+ASK_S = 15  # how long a server may take to answer a question (--server-timeout for the batch's servers)
 TRIES = 2  # a row under which this many servers died fails (it may be what kills them)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NAME = re.compile(r"^(\d{5,})_seed(\d+)\.png$")
@@ -258,15 +257,15 @@ def failure(data):
     return f"{data.get('node_type') or 'ComfyUI'}: {text}"
 
 
-def picture(server, prompt_id, out):
+def picture(server, prompt_id, out, timeout=60):
     """The PNG the finished prompt's SaveImage wrote (its prompt and workflow metadata inside), fetched and written
-    whole to out; RunError saying why not."""
-    entry = server.get_json(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id) or {}
+    whole to out; RunError saying why not (OSError: no answer within timeout seconds)."""
+    entry = server.get_json(f"/history/{urllib.parse.quote(prompt_id)}", timeout).get(prompt_id) or {}
     images = entry.get("outputs", {}).get(SAVE, {}).get("images", [])
     if not images:
         raise RunError(f"the run ended without an image (status: {entry.get('status')})")
     png = server.get("/view?" + urllib.parse.urlencode({k: images[0].get(k, "") for k in ("filename", "subfolder",
-                                                                                          "type")}))
+                                                                                          "type")}), timeout)
     if not png.startswith(PNG_SIGNATURE):
         raise RunError("ComfyUI returned something that is not a PNG")
     try:
@@ -299,9 +298,9 @@ class Lost(Exception):
 class Worker(threading.Thread):
     """Feeds one server: keeps it one prompt ahead, follows its websocket, fetches and writes each picture."""
 
-    def __init__(self, batch, server, connect_timeout):
+    def __init__(self, batch, server, connect_timeout, quiet):
         super().__init__(daemon=True, name=f"batch {server.url}")
-        self.batch, self.server, self.connect_timeout = batch, server, connect_timeout
+        self.batch, self.server, self.connect_timeout, self.quiet = batch, server, connect_timeout, quiet
         self.inflight = {}  # prompt id (or ("posting", n) while it is sent) -> job, in queue order
         self.made, self.busy_since, self.busy = 0, None, 0.0
         self.alive, self.lost = True, None
@@ -341,7 +340,7 @@ class Worker(threading.Thread):
                 continue
             message = ws.poll(i, 1.0)
             if message is None:
-                if time.time() - heard > QUIET_S:
+                if time.time() - heard > self.quiet:
                     self.ask()
                     heard = time.time()
                 continue
@@ -354,7 +353,8 @@ class Worker(threading.Thread):
         with self.batch.cond:
             self.inflight[key] = job
         try:
-            prompt_id = ws.queue_prompt(job.workflow, {"extra_pnginfo": {"workflow": job.ui}} if job.ui else None)
+            prompt_id = ws.queue_prompt(job.workflow, {"extra_pnginfo": {"workflow": job.ui}} if job.ui else None,
+                                        timeout=self.quiet)
         except PromptRejected as e:
             with self.batch.cond:
                 del self.inflight[key]
@@ -369,7 +369,7 @@ class Worker(threading.Thread):
     def ask(self):
         """Whether a quiet server still answers (a long step says nothing); Lost if it does not."""
         try:
-            self.server.get_json("/queue", timeout=ASK_S)
+            self.server.get_json("/queue", timeout=self.quiet)
         except (OSError, ValueError) as e:
             raise Lost(f"it stopped answering ({getattr(e, 'reason', None) or e})") from None
 
@@ -396,7 +396,7 @@ class Worker(threading.Thread):
         try:
             if job.error:
                 raise RunError(job.error)
-            picture(self.server, prompt_id, job.out)  # an older picture of the row under another seed stays
+            picture(self.server, prompt_id, job.out, self.quiet)  # an older picture of the row under another seed stays
         except RunError as e:
             status, why = "failed", str(e)
         with self.batch.cond:
@@ -413,14 +413,14 @@ class Worker(threading.Thread):
 class Batch:
     """The jobs, the servers' workers and the one progress bar over the rows."""
 
-    def __init__(self, jobs, servers, connect_timeout=60):
+    def __init__(self, jobs, servers, connect_timeout=60, quiet=ASK_S):
         self.jobs = list(jobs)
         self.pending = collections.deque(self.jobs)
         self.left = len(self.jobs)
         self.failed = 0
         self.cond = threading.Condition()
         self.stopping = False
-        self.workers = [Worker(self, server, connect_timeout) for server in servers]
+        self.workers = [Worker(self, server, connect_timeout, quiet) for server in servers]
         self.bar = None
 
     # -- shared by the workers
@@ -498,7 +498,8 @@ class Batch:
                     while self.left > 0:
                         self.cond.wait(0.5)
             for worker in self.workers:
-                worker.join(5)
+                if worker.lost is None:  # a lost one may be closing a socket to a frozen server: nothing to wait for
+                    worker.join(5)
         except KeyboardInterrupt:
             self.stop()
             raise

@@ -100,13 +100,13 @@ class Follower:
 
     # -- prompts
 
-    def queue_prompt(self, workflow, extra_data=None):
+    def queue_prompt(self, workflow, extra_data=None, timeout=60):
         """POST a workflow with this socket's client id (and extra_data, e.g. {"extra_pnginfo": {"workflow": ...}}
-        for the PNG's metadata); returns its prompt id (PromptRejected if refused)."""
+        for the PNG's metadata); returns its prompt id (PromptRejected if refused; OSError if no answer in time)."""
         body = {"prompt": workflow, "client_id": self.client_id}
         if extra_data:
             body["extra_data"] = extra_data
-        status, body = self.server.post_json("/prompt", body)
+        status, body = self.server.post_json("/prompt", body, timeout=timeout)
         if status != 200:
             raise PromptRejected(status, body)
         return body["prompt_id"]

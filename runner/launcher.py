@@ -119,6 +119,10 @@ def build_parser():
                            "a server that stops answering has its rows made by the others. --model is then a model "
                            "name as that ComfyUI's loaders list it (default: the ModelScope model, which that "
                            "ComfyUI downloads if it must)")
+    many.add_argument("--server-timeout", metavar="S", type=_checked(lambda t: options.whole_number(t, 1, 3600)),
+                      default=15, help="a --server that takes longer than S seconds to answer, or says nothing "
+                                       "that long while it holds rows and then does not answer, counts as lost: "
+                                       "its rows go to the others (15)")
     where = parser.add_argument_group("where it runs")
     where.add_argument("--comfyui", metavar="PATH",
                        help=f"your ComfyUI folder ({OLDEST} or newer): run there with its "

@@ -245,7 +245,8 @@ def test_bad_rows_are_said_with_their_lines_and_the_rest_run_a_gbk_file_is_refus
 
 def batch_losing_a_server(a, models_root, tmp_path_factory, tmp_path, name, rows, lose, restore=None):
     """A batch of rows (each with its seed) on a new server and server a; once the new server has finished a prompt,
-    lose(server) (kill it, freeze it). The command still ends well, every row made once, each PNG its row's.
+    lose(server) (kill it, freeze it). The command still ends well, every row made once, each PNG its row's
+    (--server-timeout 5: a frozen server counts as lost once a request to it goes 5 s without an answer).
     Returns (the lost server's url, the command's output); restore(server) runs before that server is stopped."""
     lost = new_server(models_root, tmp_path_factory, name)
     prompts, out = tmp_path / "rows.csv", tmp_path / "out"
@@ -257,7 +258,8 @@ def batch_losing_a_server(a, models_root, tmp_path_factory, tmp_path, name, rows
         tmp.mkdir()
         with open(log, "wb") as f:
             proc = subprocess.Popen([PYTHON, os.path.join(PACK_DIR, "run.py"),
-                                     *command((lost, a), "--prompts", str(prompts), "--out", str(out))],
+                                     *command((lost, a), "--prompts", str(prompts), "--out", str(out),
+                                              "--server-timeout", "5")],
                                     cwd=tmp_path, env=cli_env(tmp), stdout=f, stderr=subprocess.STDOUT)
             try:
                 deadline = time.time() + 300

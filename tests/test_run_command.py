@@ -313,6 +313,7 @@ def test_mistakes_are_one_clear_message_before_any_server_starts(users_comfyui, 
     for args, message in (([PROMPT, "--steps", "0"], "argument --steps: 0 is outside 1..10000"),
                           ([PROMPT, "--out", "picture.jpg"], "--out picture.jpg: the picture is a PNG: give a file "
                                                                "name ending in .png, or a folder"),
+                          ([PROMPT, "--server-timeout", "0"], "argument --server-timeout: 0 is outside 1..3600"),
                           ([], "a prompt is needed, e.g. python3 run.py 中国山水画")):
         proc = run_cli(args, tmp_path)  # argparse's own errors: one line too
         assert proc.returncode == 2 and proc.out == "", proc.err
