@@ -37,7 +37,7 @@ log = logging.getLogger("chinese_sd.run")
 
 PACK_NODES = ("ChineseSD_ModelScopeLoader", "ChineseSD_CheckpointLoader", "ChineseSD_CLIPTextEncode")
 AHEAD = 1  # prompts kept queued on a server beyond the one it runs: it never waits on this client
-ASK_S = 15  # how long a server may take to answer a question (--server-timeout for the batch's servers)
+CHECK_S = 60  # how long a --server may take to answer the check before the batch (its /object_info is large)
 TRIES = 2  # a row under which this many servers died fails (it may be what kills them)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NAME = re.compile(r"^(\d{5,})_seed(\d+)\.png$")
@@ -112,7 +112,7 @@ def check_servers(urls, model, sampler, scheduler):
             url = server_url(text)
             server = Server(url)
             try:
-                info = server.get_json("/object_info", timeout=ASK_S * 4)
+                info = server.get_json("/object_info", timeout=CHECK_S)
             except (OSError, ValueError) as e:
                 raise RunError(f"no ComfyUI answers there ({getattr(e, 'reason', None) or e})") from None
             if not isinstance(info, dict):
@@ -298,9 +298,9 @@ class Lost(Exception):
 class Worker(threading.Thread):
     """Feeds one server: keeps it one prompt ahead, follows its websocket, fetches and writes each picture."""
 
-    def __init__(self, batch, server, connect_timeout, quiet):
+    def __init__(self, batch, server, connect_timeout, timeout):
         super().__init__(daemon=True, name=f"batch {server.url}")
-        self.batch, self.server, self.connect_timeout, self.quiet = batch, server, connect_timeout, quiet
+        self.batch, self.server, self.connect_timeout, self.timeout = batch, server, connect_timeout, timeout
         self.inflight = {}  # prompt id (or ("posting", n) while it is sent) -> job, in queue order
         self.made, self.busy_since, self.busy = 0, None, 0.0
         self.alive, self.lost = True, None
@@ -340,7 +340,7 @@ class Worker(threading.Thread):
                 continue
             message = ws.poll(i, 1.0)
             if message is None:
-                if time.time() - heard > self.quiet:
+                if time.time() - heard > self.timeout:
                     self.ask()
                     heard = time.time()
                 continue
@@ -354,7 +354,7 @@ class Worker(threading.Thread):
             self.inflight[key] = job
         try:
             prompt_id = ws.queue_prompt(job.workflow, {"extra_pnginfo": {"workflow": job.ui}} if job.ui else None,
-                                        timeout=self.quiet)
+                                        timeout=self.timeout)
         except PromptRejected as e:
             with self.batch.cond:
                 del self.inflight[key]
@@ -369,7 +369,7 @@ class Worker(threading.Thread):
     def ask(self):
         """Whether a quiet server still answers (a long step says nothing); Lost if it does not."""
         try:
-            self.server.get_json("/queue", timeout=self.quiet)
+            self.server.get_json("/queue", timeout=self.timeout)
         except (OSError, ValueError) as e:
             raise Lost(f"it stopped answering ({getattr(e, 'reason', None) or e})") from None
 
@@ -396,7 +396,8 @@ class Worker(threading.Thread):
         try:
             if job.error:
                 raise RunError(job.error)
-            picture(self.server, prompt_id, job.out, self.quiet)  # an older picture of the row under another seed stays
+            # an older picture of the row under another seed stays
+            picture(self.server, prompt_id, job.out, self.timeout)
         except RunError as e:
             status, why = "failed", str(e)
         with self.batch.cond:
@@ -413,14 +414,15 @@ class Worker(threading.Thread):
 class Batch:
     """The jobs, the servers' workers and the one progress bar over the rows."""
 
-    def __init__(self, jobs, servers, connect_timeout=60, quiet=ASK_S):
+    def __init__(self, jobs, servers, timeout, connect_timeout=60):
+        """timeout: how long a server may take to answer, or stay silent while it holds rows (--server-timeout)."""
         self.jobs = list(jobs)
         self.pending = collections.deque(self.jobs)
         self.left = len(self.jobs)
         self.failed = 0
         self.cond = threading.Condition()
         self.stopping = False
-        self.workers = [Worker(self, server, connect_timeout, quiet) for server in servers]
+        self.workers = [Worker(self, server, connect_timeout, timeout) for server in servers]
         self.bar = None
 
     # -- shared by the workers

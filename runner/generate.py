@@ -241,7 +241,7 @@ def run_batch(args, comfyui, signals):
             if not args.servers:
                 server = local_server(comfyui, work, args, info, folders, signals)
                 servers = [server]
-            runner = batch.Batch(todo, servers, quiet=args.server_timeout)
+            runner = batch.Batch(todo, servers, args.server_timeout)
             runner.run()
     except KeyboardInterrupt:
         if jobs:
