@@ -552,5 +552,7 @@ def test_own_environment_first_run_downloads_the_model_as_the_readme_says(produc
     (png,) = tmp_path.glob("chinese_sd_*.png")
     png_pixels(png, (512, 512))
     hub.requests.clear()
-    again = run_cli(["中国山水画", "--steps", "1", "--width", "64", "--height", "64"], tmp_path, hub=hub)
+    again = run_cli(["中国山水画", "--steps", "1", "--width", "64", "--height", "64", "--verbose"], tmp_path, hub=hub)
     assert again.returncode == 0 and hub.requests == [], again.err
+    # on a CPU the command asks ComfyUI for PyTorch's attention (ComfyUI's own choice there is its sub-quadratic one)
+    assert "Using pytorch attention" in again.out + again.err
