@@ -243,39 +243,38 @@ def test_bad_rows_are_said_with_their_lines_and_the_rest_run_a_gbk_file_is_refus
     check_picture(tmp_path / "one.png", {"prompt": "中国山水画", "seed": 5})
 
 
-def batch_losing_a_server(a, models_root, tmp_path_factory, tmp_path, name, rows, lose, restore=None):
-    """A batch of rows (each with its seed) on a new server and server a; once the new server has finished a prompt,
-    lose(server) (kill it, freeze it). The command still ends well, every row made once, each PNG its row's
+def batch_losing_a_server(a, lost, tmp_path, rows, lose):
+    """A batch of rows (each with its seed) on servers lost and a; once lost has finished a prompt of the batch,
+    lose(lost) (kill it, freeze it). The command still ends well, every row made once, each PNG its row's
     (--server-timeout 5: a frozen server counts as lost once a request to it goes 5 s without an answer).
-    Returns (the lost server's url, the command's output); restore(server) runs before that server is stopped."""
-    lost = new_server(models_root, tmp_path_factory, name)
+    Returns the command's output."""
     prompts, out = tmp_path / "rows.csv", tmp_path / "out"
     write_csv(prompts, rows)
     log = tmp_path / "run.out"
-    try:
-        lost.wait_ready()
-        tmp = tmp_path / "tmp"
-        tmp.mkdir()
-        with open(log, "wb") as f:
-            proc = subprocess.Popen([PYTHON, os.path.join(PACK_DIR, "run.py"),
-                                     *command((lost, a), "--prompts", str(prompts), "--out", str(out),
-                                              "--server-timeout", "5")],
-                                    cwd=tmp_path, env=cli_env(tmp), stdout=f, stderr=subprocess.STDOUT)
-            try:
-                deadline = time.time() + 300
-                while not [h for h in history(lost).values() if h.get("status", {}).get("completed")]:
-                    assert proc.poll() is None and time.time() < deadline, log.read_text(encoding="utf-8")
-                    time.sleep(0.2)
-                lose(lost)  # mid-batch, with prompts of the batch running and queued on it
-                assert proc.wait(timeout=600) == 0, log.read_text(encoding="utf-8")
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-    finally:
-        if restore is not None:
-            restore(lost)
-        lost.stop()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    deadline = time.time() + 120
+    while _queue(lost) != ([], []):  # what an earlier test left queued on it has run
+        assert time.time() < deadline, _queue(lost)
+        time.sleep(0.2)
+    before = set(history(lost))  # the batch's prompts are the ones after these
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([PYTHON, os.path.join(PACK_DIR, "run.py"),
+                                 *command((lost, a), "--prompts", str(prompts), "--out", str(out),
+                                          "--server-timeout", "5")],
+                                cwd=tmp_path, env=cli_env(tmp), stdout=f, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 300
+            while not [h for pid, h in history(lost).items() if pid not in before
+                       and h.get("status", {}).get("completed")]:
+                assert proc.poll() is None and time.time() < deadline, log.read_text(encoding="utf-8")
+                time.sleep(0.2)
+            lose(lost)  # mid-batch, with prompts of the batch running and queued on it
+            assert proc.wait(timeout=600) == 0, log.read_text(encoding="utf-8")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     text = log.read_text(encoding="utf-8")
     assert f"made {len(rows)}, skipped 0 (already made with the same settings), failed 0" in text, text
     assert "Traceback" not in text
@@ -283,20 +282,7 @@ def batch_losing_a_server(a, models_root, tmp_path_factory, tmp_path, name, rows
     assert sorted(pictures(out)) == names
     for name, row in zip(names, rows):
         check_picture(out / name, row)
-    return lost.url, text
-
-
-def test_a_server_killed_mid_batch_has_its_rows_made_by_the_other(two_servers, models_root, tmp_path_factory,
-                                                                   tmp_path):
-    a = two_servers[0]
-    rows = [{"prompt": f"山水，第{i}幅", "seed": 100 + i, "steps": 12} for i in range(1, 11)]
-    url, text = batch_losing_a_server(a, models_root, tmp_path_factory, tmp_path, "server_doomed", rows,
-                                      lambda server: server.proc.kill())  # no goodbye, as a crash ends it
-    assert f"{url}: ComfyUI at {url}" not in text  # said once, plainly:
-    assert re.search(rf"{re.escape(url)}: .*; its rows go to the other servers", text), text
-    lost = re.search(rf"{re.escape(url)}: (\d+) rows? made.*\(lost: ", text)
-    kept = re.search(rf"{re.escape(a.url)}: (\d+) rows? made", text)
-    assert lost and kept and int(lost.group(1)) + int(kept.group(1)) == 10 and int(kept.group(1)) >= 1, text
+    return text
 
 
 def _queue(server):
@@ -382,15 +368,16 @@ def test_without_server_the_command_starts_its_own_comfyui_once_for_the_whole_ba
     assert "Starting ComfyUI" not in again.err  # nothing to make: no server started
 
 
-def test_a_server_that_stops_answering_mid_batch_has_its_rows_made_by_the_other(two_servers, models_root,
-                                                                                 tmp_path_factory, tmp_path):
-    """A server frozen (SIGSTOP) mid-batch: its socket stays open and says nothing, its HTTP does not answer; the
-    client finds out and its rows go to the other server."""
+def test_a_server_that_stops_answering_mid_batch_has_its_rows_made_by_the_other(two_servers, tmp_path):
+    """Server b frozen (SIGSTOP) mid-batch: its socket stays open and says nothing, its HTTP does not answer; the
+    client finds out and its rows go to server a (b goes on afterwards: the module's last test kills it)."""
+    a, b = two_servers
     rows = [{"prompt": f"水墨，第{i}幅", "seed": 200 + i, "steps": 12} for i in range(1, 9)]
-    url, text = batch_losing_a_server(two_servers[0], models_root, tmp_path_factory, tmp_path, "server_frozen", rows,
-                                      lambda server: os.kill(server.proc.pid, signal.SIGSTOP),
-                                      restore=lambda server: os.kill(server.proc.pid, signal.SIGCONT))
-    assert re.search(rf"{re.escape(url)}: it stopped answering \(.*\); its rows go to the other servers", text), text
+    try:
+        text = batch_losing_a_server(a, b, tmp_path, rows, lambda server: os.kill(server.proc.pid, signal.SIGSTOP))
+    finally:
+        os.kill(b.proc.pid, signal.SIGCONT)
+    assert re.search(rf"{re.escape(b.url)}: it stopped answering \(.*\); its rows go to the other servers", text), text
 
 
 def test_a_server_without_the_pack_is_one_clear_error_and_gets_no_prompt(tmp_path):
@@ -434,3 +421,16 @@ def test_a_server_without_the_pack_is_one_clear_error_and_gets_no_prompt(tmp_pat
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_a_server_killed_mid_batch_has_its_rows_made_by_the_other(two_servers, tmp_path):
+    """Server b killed mid-batch (the module's last use of it): its rows are made by server a."""
+    a, b = two_servers
+    rows = [{"prompt": f"山水，第{i}幅", "seed": 100 + i, "steps": 12} for i in range(1, 11)]
+    text = batch_losing_a_server(a, b, tmp_path, rows, lambda server: server.proc.kill())  # no goodbye, as a crash
+    url = b.url
+    assert f"{url}: ComfyUI at {url}" not in text  # said once, plainly:
+    assert re.search(rf"{re.escape(url)}: .*; its rows go to the other servers", text), text
+    lost = re.search(rf"{re.escape(url)}: (\d+) rows? made.*\(lost: ", text)
+    kept = re.search(rf"{re.escape(a.url)}: (\d+) rows? made", text)
+    assert lost and kept and int(lost.group(1)) + int(kept.group(1)) == 10 and int(kept.group(1)) >= 1, text
