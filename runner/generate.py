@@ -160,6 +160,12 @@ def prepare(args, comfyui, work):
     return info, kind, name, folders, seen_as
 
 
+# The command's own ComfyUI holds nothing to keep (an in-memory database, its folders in the command's work folder,
+# deleted next): it is killed at once when its work is done rather than given ComfyUI's own shutdown (about 2 s
+# of CPU in Python's exit, which the user would wait for). A --serve server is stopped as Ctrl+C stops ComfyUI.
+DONE_GRACE = 0
+
+
 def local_server(comfyui, work, args, info, folders, signals):
     """The command's own ComfyUI, started, ready and asked whether it has --sampler and --scheduler (stopped by the
     caller, or here when it fails)."""
@@ -171,7 +177,7 @@ def local_server(comfyui, work, args, info, folders, signals):
         server.wait_ready()
         batch.check_names(server.get_json("/object_info/KSampler"), args.sampler, args.scheduler)
     except BaseException:
-        server.stop()
+        server.stop(DONE_GRACE)
         raise
     return server
 
@@ -207,7 +213,7 @@ def generate(args, comfyui, signals):
                 say(f"weights: {weights}")
     finally:
         if server is not None:
-            server.stop()
+            server.stop(DONE_GRACE)
         shutil.rmtree(work, ignore_errors=True)
     say(f"saved {out}")
     return 0
@@ -249,7 +255,7 @@ def run_batch(args, comfyui, signals):
         raise
     finally:
         if server is not None:
-            server.stop()
+            server.stop(DONE_GRACE)
         shutil.rmtree(work, ignore_errors=True)
     return batch.summary(jobs, bad, runner, time.time() - started)
 

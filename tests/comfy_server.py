@@ -46,6 +46,11 @@ class ComfyServer(ComfyProcess):
     def wait_ready(self, timeout=180):
         return super().wait_ready(timeout)
 
+    def stop(self, grace=0):
+        """Killed at once: a test bed server holds nothing to keep (an in-memory database, the test's own folders),
+        and ComfyUI's own shutdown is about 2 s of CPU each."""
+        super().stop(grace)
+
     def run_prompt(self, workflow, timeout=300):
         """Queue an API-format workflow and wait for its history entry."""
         import uuid
