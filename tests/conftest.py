@@ -64,10 +64,11 @@ def fixture_root(model_folders):
 
 @pytest.fixture(scope="session")
 def model_hub(model_folders):
-    """A stand-in ModelScope hub on 127.0.0.1 serving the tiny ModelScope-layout model under the real model's id
-    (benchmarks/standins/hub.py); tests set its faults and read its request log (both reset by `hub_clean`)."""
+    """A stand-in ModelScope hub on 127.0.0.1 serving a tiny ModelScope-layout model (tiny_models.HUB_VARIANT)
+    under the real model's id (benchmarks/standins/hub.py); tests set its faults and read its request log (both
+    reset by the `hub` fixture)."""
     from benchmarks.standins.hub import StandInHub
-    with StandInHub({pack.loaders.download.MODEL_ID: model_folders["csd_eps_safetensors"]}) as hub:
+    with StandInHub({pack.loaders.download.MODEL_ID: model_folders[tiny_models.HUB_VARIANT]}) as hub:
         yield hub
 
 

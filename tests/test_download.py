@@ -19,6 +19,7 @@ from comfy_graph import LOADER, txt2img_workflow
 from comfy_server import ComfyServer, ComfySocket
 from conftest import COMFYUI_PATH, pack
 from runner.workflow import WORKFLOWS, load_workflow
+from tiny_models import HUB_VARIANT
 from benchmarks.standins.hub import StandInHub, folder_listing
 
 pytestmark = pytest.mark.fuzz  # the marks of this module (registered in pyproject.toml)
@@ -48,7 +49,7 @@ def tree(root):
 
 
 def test_a_fresh_download_is_verified_complete_and_the_next_load_asks_nothing(hub, model_folders, tmp_path):
-    source = model_folders["csd_eps_safetensors"]
+    source = model_folders[HUB_VARIANT]
     want = expected_files(source)
     assert {"unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "tokenizer/vocab.txt",
             "scheduler/scheduler_config.json", "model_index.json"} <= set(want)
@@ -377,7 +378,7 @@ def test_the_txt2img_template_downloads_its_model_with_progress_cancel_and_resum
     assert spec[1]["options"] == [download.FOLDER]  # offered before it is there: the value workflows store
     assert load_workflow(WORKFLOWS["folder"])[LOADER]["inputs"]["model_folder"] == download.FOLDER  # as shipped
     assert "not installed yet: it will be downloaded" in spec[1]["tooltip"] and download.APPROX_SIZE in spec[1]["tooltip"]
-    total = sum(len(b) for b in expected_files(model_folders["csd_eps_safetensors"]).values())
+    total = sum(len(b) for b in expected_files(model_folders[HUB_VARIANT]).values())
 
     # Cancel mid-download: stopped within 2 s, nothing half-made is listed, the next run resumes
     hub.rate = 4 * 1024 ** 2

@@ -41,6 +41,11 @@ SD1_UNET_CONFIG = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_
                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768,
                        attention_head_dim=4, use_linear_projection=False, norm_num_groups=32)  # not ComfyUI's SD1 default of 8
 SD1_MAX_LENGTH = 77
+# the stand-in hub's model (the real model's id): the eps model with a UNet of one layer per block, which the
+# README's first run samples at 512x512 for 50 steps (its top level's self-attention over 4096 tokens is most of a
+# step: three of them instead of five)
+HUB_VARIANT = "csd_hub"
+HUB_UNET_CONFIG = dict(model_folder.TINY_UNET_CONFIG, layers_per_block=1)
 TEXT_CONFIG, UNET_CONFIG = model_folder.TINY_TEXT_CONFIG, model_folder.TINY_UNET_CONFIG
 
 
@@ -84,6 +89,18 @@ def build_fuzz_variant(dest, vae_source):
         os.link(os.path.join(vae_source, name), os.path.join(dest, "vae", name))
 
 
+def build_hub_variant(dest, source):
+    """source's files linked, but for its UNet: one of HUB_UNET_CONFIG."""
+    for root, _, names in os.walk(source):
+        rel = os.path.relpath(root, source)
+        if rel.split(os.sep)[0] == "unet":
+            continue
+        os.makedirs(os.path.join(dest, rel), exist_ok=True)
+        for name in names:
+            os.link(os.path.join(root, name), os.path.join(dest, rel, name))
+    save_pretrained(model_folder.unet(HUB_UNET_CONFIG, jitter=0.02), os.path.join(dest, "unet"), "safetensors")
+
+
 def _build_once(dest, build):
     if not os.path.isfile(os.path.join(dest, "model_index.json")):
         tmp = dest + ".partial"
@@ -105,6 +122,8 @@ def build_all(cache_dir):
         out[SD1_VARIANT] = _build_once(os.path.join(root, SD1_VARIANT), build_sd1_variant)
         out[FUZZ_VARIANT] = _build_once(os.path.join(root, FUZZ_VARIANT),
                                         lambda tmp: build_fuzz_variant(tmp, os.path.join(out["csd_eps_safetensors"], "vae")))
+        out[HUB_VARIANT] = _build_once(os.path.join(root, HUB_VARIANT),
+                                       lambda tmp: build_hub_variant(tmp, out["csd_eps_safetensors"]))
         _forget_old_builds(root)
     return out
 
