@@ -15,13 +15,11 @@ import json
 import logging
 import os
 import re
-import struct
 import sys
 import threading
 import time
 import urllib.error
 import urllib.parse
-import zlib
 
 from loaders import download
 
@@ -188,46 +186,15 @@ def plan(args, rows, bad, kind, name, lists, out_dir):
     return jobs, bad
 
 
-def png_text(path):
-    """The text chunks of a PNG file ({key: text}); {} when it is no PNG."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return {}
-    if not data.startswith(PNG_SIGNATURE):
-        return {}
-    out, pos = {}, 8
-    try:
-        while pos + 8 <= len(data):
-            length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-            body = data[pos + 8:pos + 8 + length]
-            pos += 12 + length
-            if kind == b"tEXt":
-                key, _, value = body.partition(b"\0")
-                out[key.decode("latin-1")] = value.decode("latin-1")
-            elif kind == b"zTXt":
-                key, _, value = body.partition(b"\0")
-                out[key.decode("latin-1")] = zlib.decompress(value[1:]).decode("latin-1")
-            elif kind == b"iTXt":
-                key, _, rest = body.partition(b"\0")
-                compressed, rest = rest[0], rest[2:]
-                _, _, rest = rest.partition(b"\0")  # language
-                _, _, value = rest.partition(b"\0")  # translated key
-                out[key.decode("latin-1")] = (zlib.decompress(value) if compressed else value).decode("utf-8")
-            elif kind == b"IEND":
-                break
-    except (struct.error, zlib.error, UnicodeDecodeError, IndexError):
-        return out
-    return out
-
-
 def made_with(path, job):
-    """Whether the PNG at path was made with the job's settings (its embedded prompt, the seed aside when the row
-    leaves it free)."""
+    """Whether the PNG at path was made with the job's settings (the prompt ComfyUI's SaveImage embedded in it,
+    read by Pillow; the seed aside when the row leaves it free)."""
+    from PIL import Image
+
     try:
-        prompt = json.loads(png_text(path).get("prompt", "null"))
-    except ValueError:
+        with Image.open(path) as image:
+            prompt = json.loads(image.info.get("prompt", "null")) if image.format == "PNG" else None
+    except Exception:  # noqa: BLE001  (whatever is wrong with the file, it is no picture of this row)
         return False
     return prompt is not None and picked(prompt, job.free_seed) == job.key
 

@@ -3,6 +3,7 @@ over two servers, each PNG its row's (size, seed in the name, ComfyUI's own meta
 a changed row remade alone, a server killed mid-batch, bad rows and a GBK file, Ctrl+C cancelling only the batch's
 prompts, and a PNG of the batch loading back in ComfyUI."""
 
+import argparse
 import csv
 import json
 import os
@@ -12,13 +13,18 @@ import subprocess
 import sys
 import time
 
+import hypothesis.strategies as st
 import numpy as np
 import pytest
+from hypothesis import given, settings
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from comfy_server import PACK_DIR, ComfyServer
 from conftest import COMFYUI_PATH
 from test_run_command import PYTHON, cli_env, run_cli
+
+from runner import batch, workflow  # noqa: E402  (conftest puts the pack on sys.path)
 
 pytestmark = pytest.mark.server  # the marks of this module (registered in pyproject.toml)
 
@@ -187,6 +193,47 @@ def test_a_csv_batch_spreads_over_two_servers_resumes_remakes_a_changed_row_and_
     path.write_bytes(again)
     assert np.array_equal(np.asarray(Image.open(path)), np.asarray(img))
     assert np.asarray(img).std() > 1  # a picture, not a blank
+
+
+def picture_of(prompt, path):
+    """A PNG as ComfyUI's SaveImage writes it: the API prompt (and a workflow) in tEXt chunks before the pixels."""
+    info = PngInfo()
+    info.add_text("prompt", json.dumps(prompt))
+    info.add_text("workflow", json.dumps({"nodes": []}))
+    Image.new("RGB", (16, 16), (90, 120, 200)).save(path, pnginfo=info, compress_level=4)
+    return path.read_bytes()
+
+
+@settings(max_examples=150, deadline=None)
+@given(damage=st.one_of(
+    st.tuples(st.just("cut"), st.integers(0, 10_000)),
+    st.tuples(st.just("flip"), st.integers(0, 10_000), st.integers(1, 255)),
+    st.tuples(st.just("junk"), st.binary(max_size=2048))))
+def test_a_damaged_picture_in_the_output_folder_is_not_taken_for_its_row(tmp_path_factory, damage):
+    """Resuming reads each picture's embedded prompt: whatever is wrong with the file (cut short, a byte changed,
+    not a PNG), it is taken for its row's picture only if it still holds that row's prompt; nothing raises."""
+    folder = tmp_path_factory.mktemp("damaged", numbered=True)
+    args = argparse.Namespace(prompt="水墨荷花", negative=None, steps=1, cfg=7.5, width=64, height=64,
+                             sampler="euler", scheduler="simple", long_prompt="truncate", dtype="default", model="m")
+    prompt = workflow.build_prompt(args, "folder", TINY, 3)
+    job = batch.Job(batch.BadRow(1, 2, ""), prompt, None, str(folder / "00001_seed3.png"), 3, False)
+    good = picture_of(prompt, folder / "good.png")
+    other = batch.Job(batch.BadRow(1, 2, ""), workflow.build_prompt(args, "folder", TINY, 4), None, job.out, 4, False)
+    assert batch.made_with(str(folder / "good.png"), job) and not batch.made_with(str(folder / "good.png"), other)
+    if damage[0] == "cut":
+        data = good[:damage[1]]
+    elif damage[0] == "flip":
+        at = damage[1] % len(good)
+        data = good[:at] + bytes([good[at] ^ damage[2]]) + good[at + 1:]
+    else:
+        data = damage[1]
+    (folder / "bad.png").write_bytes(data)
+    taken = batch.made_with(str(folder / "bad.png"), job)
+    if taken:  # only a file that still holds the row's prompt (e.g. cut or changed after its text chunks)
+        assert Image.open(folder / "bad.png").info["prompt"] == json.dumps(prompt)
+    chunk = (good.index(b"tEXtprompt") - 4, good.index(b"tEXtworkflow") - 4)  # where the prompt's chunk lies
+    if damage[0] == "cut" and damage[1] < chunk[1] or damage[0] == "flip" and chunk[0] <= at < chunk[1]:
+        assert not taken  # the prompt cut short or changed (its CRC no longer matches)
 
 
 def test_bad_rows_are_said_with_their_lines_and_the_rest_run_a_gbk_file_is_refused(two_servers, tmp_path):
