@@ -41,11 +41,12 @@ SD1_UNET_CONFIG = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_
                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768,
                        attention_head_dim=4, use_linear_projection=False, norm_num_groups=32)  # not ComfyUI's SD1 default of 8
 SD1_MAX_LENGTH = 77
-# the stand-in hub's model (the real model's id): the eps model with a UNet of one layer per block, which the
-# README's first run samples at 512x512 for 50 steps (its top level's self-attention over 4096 tokens is most of a
-# step: three of them instead of five)
+# the stand-in hub's model (the real model's id): the eps model with a UNet of one layer per block and its
+# attention on the lower level only, which the README's first run samples at 512x512 for 50 steps (a self-attention
+# over the top level's 4096 tokens would be most of a step: this one's are over 1024, a step takes half the time)
 HUB_VARIANT = "csd_hub"
-HUB_UNET_CONFIG = dict(model_folder.TINY_UNET_CONFIG, layers_per_block=1)
+HUB_UNET_CONFIG = dict(model_folder.TINY_UNET_CONFIG, layers_per_block=1, down_block_types=("DownBlock2D",
+                       "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
 TEXT_CONFIG, UNET_CONFIG = model_folder.TINY_TEXT_CONFIG, model_folder.TINY_UNET_CONFIG
 
 
