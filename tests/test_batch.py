@@ -24,7 +24,7 @@ from comfy_server import PACK_DIR, ComfyServer
 from conftest import COMFYUI_PATH
 from test_run_command import PYTHON, cli_env, run_cli
 
-from runner import batch, workflow  # noqa: E402  (conftest puts the pack on sys.path)
+from runner import batch, prompts_file, workflow
 
 pytestmark = pytest.mark.server  # the marks of this module (registered in pyproject.toml)
 
@@ -63,13 +63,10 @@ def models_root(model_folders, tmp_path_factory):
     return root
 
 
-def new_server(models_root, tmp_path_factory, name):
-    return ComfyServer(COMFYUI_PATH, str(tmp_path_factory.mktemp(name)), {"diffusers": str(models_root)})
-
-
 @pytest.fixture(scope="module")
 def two_servers(models_root, tmp_path_factory):
-    servers = [new_server(models_root, tmp_path_factory, name) for name in ("server_a", "server_b")]
+    servers = [ComfyServer(COMFYUI_PATH, str(tmp_path_factory.mktemp(name)), {"diffusers": str(models_root)})
+               for name in ("server_a", "server_b")]
     try:
         for server in servers:
             server.wait_ready()
@@ -216,9 +213,10 @@ def test_a_damaged_picture_in_the_output_folder_is_not_taken_for_its_row(tmp_pat
     args = argparse.Namespace(prompt="水墨荷花", negative=None, steps=1, cfg=7.5, width=64, height=64,
                              sampler="euler", scheduler="simple", long_prompt="truncate", dtype="default", model="m")
     prompt = workflow.build_prompt(args, "folder", TINY, 3)
-    job = batch.Job(batch.BadRow(1, 2, ""), prompt, None, str(folder / "00001_seed3.png"), 3, False)
+    row = prompts_file.Row(1, 2, {"prompt": args.prompt, "seed": 3})
+    job = batch.Job(row, prompt, None, str(folder / "00001_seed3.png"), 3, False)
     good = picture_of(prompt, folder / "good.png")
-    other = batch.Job(batch.BadRow(1, 2, ""), workflow.build_prompt(args, "folder", TINY, 4), None, job.out, 4, False)
+    other = batch.Job(row, workflow.build_prompt(args, "folder", TINY, 4), None, job.out, 4, False)  # another seed
     assert batch.made_with(str(folder / "good.png"), job) and not batch.made_with(str(folder / "good.png"), other)
     if damage[0] == "cut":
         data = good[:damage[1]]
