@@ -866,9 +866,7 @@ def test_chinese_ui(page, ui_server):
     if frontend_version(page) not in FRONTENDS_DROPPING_CUSTOM_LOCALES:
         assert node["title"] == zh["display_name"]
         assert node["category"] == "条件/中文 Stable Diffusion"
-        hover_input(page, node_id, 0)
-        page.locator(".node-tooltip").wait_for(state="visible", timeout=10_000)
-        assert page.locator(".node-tooltip").inner_text().strip() == zh["inputs"]["clip"]["tooltip"]
+        assert input_tooltip(page, node_id, 0) == zh["inputs"]["clip"]["tooltip"]
     else:
         assert frontend_version(page) < (1, 33)
 
@@ -1096,10 +1094,26 @@ def test_the_server_log_has_no_warning_from_the_pack(ui_server):
     assert pack_warnings(ui_server.log_text()) == []
 
 
-def hover_input(page, node_id, slot):
-    x, y = page.evaluate("""([id, slot]) => { const n = app.graph.getNodeById(id);
-        const c = app.canvas.ds.convertOffsetToCanvas(n.getConnectionPos(true, slot));
-        const r = app.canvas.canvas.getBoundingClientRect(); return [r.left + c[0], r.top + c[1]]; }""",
-                         [node_id, slot])
-    page.mouse.move(x + 3, y)
-    page.mouse.move(x + 4, y + 1)
+def input_tooltip(page, node_id, slot):
+    """The tooltip the frontend shows when the pointer rests on an input slot. The frontend finds the node under
+    the pointer among the nodes the canvas last drew, when the pointer moves: the node is drawn first (a node added
+    a moment ago may not be yet on a busy machine, and the pointer then rests on nothing); a pointer that still finds
+    nothing is moved away and back. Fails with what lay under the pointer."""
+    tooltip = page.locator(".node-tooltip")
+    for _ in range(3):
+        x, y = page.evaluate("""([id, slot]) => { const n = app.graph.getNodeById(id);
+            app.canvas.setDirty(true, true); app.canvas.draw(true, true);
+            const c = app.canvas.ds.convertOffsetToCanvas(n.getConnectionPos(true, slot));
+            const r = app.canvas.canvas.getBoundingClientRect(); return [r.left + c[0], r.top + c[1]]; }""",
+                             [node_id, slot])
+        page.mouse.move(x + 3, y)
+        page.mouse.move(x + 4, y + 1)
+        try:
+            tooltip.wait_for(state="visible", timeout=5_000)
+            return tooltip.inner_text().strip()
+        except Exception:  # noqa: BLE001  (playwright's TimeoutError: point at it again)
+            page.mouse.move(1, 1)
+    under = page.evaluate("""([x, y]) => { const e = document.elementFromPoint(x, y);
+        return {element: e && (e.tagName + '.' + e.className), node_over: app.canvas.node_over?.id ?? null}; }""",
+                          [x + 4, y + 1])
+    pytest.fail(f"no tooltip on input {slot} of node {node_id} at ({x + 4}, {y + 1}): {under}")
