@@ -162,25 +162,30 @@ def converted(model_folders, tmp_path_factory):
 
 
 # Markers (registered in pyproject.toml). Each test module declares its own (`pytestmark = ...`, or on a test),
-# so a renamed file keeps them; two follow from the others here, so that no test can forget them:
+# so a renamed file keeps them; three follow from the others here, so that no test can forget them:
 #   server   starts a real ComfyUI: declared (the run command starts its own), a fixture named *server or comfy,
 #            or a browser test
 #   browser  drives Debian's chromium against a real ComfyUI
 #   fuzz     hypothesis-generated hostile input
 #   slow     declared (long model runs), or any of the above; `bash tests/run.sh -m "not slow"` is the quick subset
+#   one_host the same whatever the test bed's host: declared (the pack's code that imports neither ComfyUI nor
+#            transformers, e.g. the download client), or a test of the product's own environment (fixture
+#            product_env: what run.py sets up for itself, ComfyUI runner.bootstrap.NEWEST_HOST)
 IMPLY_SLOW = {"server", "browser", "fuzz"}
 
 
 def pytest_collection_modifyitems(config, items):
-    # The product's own environment (fixture product_env: what run.py sets up for itself, ComfyUI
-    # runner.bootstrap.NEWEST_HOST) is the same whatever the test bed's host: in a matrix run tests/run.sh gives
-    # CNSD_PRODUCT_TESTS=0 to every pytest run but one, where they are deselected (shown as such), so that
-    # `.ci/run` runs each of them once. A run of one combination (--host) runs them.
-    if os.environ.get("CNSD_PRODUCT_TESTS", "1") == "0":
-        once = [item for item in items if "product_env" in item.fixturenames]
+    # In a matrix run tests/run.sh gives CNSD_ONE_HOST_TESTS=0 to every pytest run but one, where the one_host
+    # tests are deselected (shown as such), so that `.ci/run` runs each of them once. A run of one combination
+    # (--host) runs them.
+    for item in items:
+        if "product_env" in item.fixturenames:
+            item.add_marker("one_host")
+    if os.environ.get("CNSD_ONE_HOST_TESTS", "1") == "0":
+        once = [item for item in items if item.get_closest_marker("one_host")]
         if once:
             config.hook.pytest_deselected(items=once)
-            items[:] = [item for item in items if "product_env" not in item.fixturenames]
+            items[:] = [item for item in items if not item.get_closest_marker("one_host")]
     for item in items:
         declared = {m.name for m in item.iter_markers()}
         marks = set()

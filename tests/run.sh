@@ -178,8 +178,8 @@ if [ "$setup_only" = 1 ]; then
     exit 0
 fi
 
-run_pytest() {  # run_pytest HOST TRANSFORMERS PYTHON COMFYUI PRODUCT_TESTS [pytest args...]: one combination's suite
-    local host=$1 tf=$2 py=$3 comfy=$4 product_tests=$5
+run_pytest() {  # run_pytest HOST TRANSFORMERS PYTHON COMFYUI ONE_HOST_TESTS [pytest args...]: one combination's suite
+    local host=$1 tf=$2 py=$3 comfy=$4 one_host_tests=$5
     shift 5
     # short: chromium's socket lives below it, and a socket's path has at most 107 bytes
     local tmp=$tmp_root/$host-$tf rc=0 next=""
@@ -189,7 +189,7 @@ run_pytest() {  # run_pytest HOST TRANSFORMERS PYTHON COMFYUI PRODUCT_TESTS [pyt
     (
         cd "$pack_dir"
         export COMFYUI_PATH=$comfy CNSD_TEST_CACHE=$cache PYTHONIOENCODING=utf-8 TMPDIR=$tmp/tmp \
-            HYPOTHESIS_STORAGE_DIRECTORY=$tmp/hypothesis CNSD_COMFY_CLI=$comfy_cli CNSD_PRODUCT_TESTS=$product_tests \
+            HYPOTHESIS_STORAGE_DIRECTORY=$tmp/hypothesis CNSD_COMFY_CLI=$comfy_cli CNSD_ONE_HOST_TESTS=$one_host_tests \
             CNSD_MATRIX="$MATRIX" CNSD_NEXT_FRONTEND="$next"
         # --confcutdir: the repository root (the pack, a package of its own) is no test package: pytest would
         # import its __init__.py under the folder's name, which fails where that is no identifier (my-pack)
@@ -203,9 +203,10 @@ run_pytest() {  # run_pytest HOST TRANSFORMERS PYTHON COMFYUI PRODUCT_TESTS [pyt
 # Every combination is set up first, one after the other (downloads, pip); then their suites run side by side:
 # one suite keeps 2 cores less than busy (it waits on servers, the browser, subprocesses), so two together
 # finish sooner than one after the other. CNSD_PARALLEL=0 runs them one after the other.
-# The tests of the product's own environment (the run command's bootstrap, whatever the test bed's host) run in
-# one suite only: the first combination's (ComfyUI 0.3.52's, the shorter one); CNSD_PRODUCT_TESTS=0 in the others
-product_tests() { [ "$1" = 0 ] && echo 1 || echo 0; }
+# The tests that are the same whatever the test bed's host (marker one_host: the product's own environment, the
+# download client, ...) run in one suite only: the first combination's (ComfyUI 0.3.52's, the shorter one; the
+# newest host's has the browser test's frontend variants); CNSD_ONE_HOST_TESTS=0 in the others
+one_host_tests() { [ "$1" = 0 ] && echo 1 || echo 0; }
 names=() pythons=() comfys=()
 for combo in $combos; do
     setup_combo "${combo%%:*}" "${combo#*:}"
@@ -221,7 +222,7 @@ if [ "${#names[@]}" -gt 1 ] && [ "${CNSD_PARALLEL:-1}" != 0 ]; then
     pids=()
     for i in "${!names[@]}"; do
         combo=${names[$i]}
-        run_pytest "${combo%%:*}" "${combo#*:}" "${pythons[$i]}" "${comfys[$i]}" "$(product_tests "$i")" "$@" \
+        run_pytest "${combo%%:*}" "${combo#*:}" "${pythons[$i]}" "${comfys[$i]}" "$(one_host_tests "$i")" "$@" \
             >"$tmp_root/pytest-$i.log" 2>&1 &
         pids+=($!)
     done
@@ -236,7 +237,7 @@ else
     for i in "${!names[@]}"; do
         combo=${names[$i]}
         rc=0
-        run_pytest "${combo%%:*}" "${combo#*:}" "${pythons[$i]}" "${comfys[$i]}" "$(product_tests "$i")" "$@" || rc=$?
+        run_pytest "${combo%%:*}" "${combo#*:}" "${pythons[$i]}" "${comfys[$i]}" "$(one_host_tests "$i")" "$@" || rc=$?
         [ "$rc" = 0 ] || failed="$failed $combo(exit $rc)"
     done
 fi

@@ -450,7 +450,7 @@ def test_a_server_without_the_pack_is_one_clear_error_and_gets_no_prompt(tmp_pat
             pass
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stock)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{httpd.server_address[1]}"
         prompts = tmp_path / "p.txt"

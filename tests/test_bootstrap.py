@@ -10,6 +10,8 @@ import pytest
 import comfy_server  # noqa: F401  (puts the pack's folder on sys.path)
 from runner import RunError, bootstrap, comfyui
 
+pytestmark = pytest.mark.one_host  # the marks of this module (registered in pyproject.toml)
+
 
 def make_archive(path, version="0.33.0", top=None, extra=()):
     """A source archive shaped like GitHub's: one top folder holding comfyui_version.py and requirements.txt."""

@@ -850,12 +850,11 @@ def test_help_pages_fit_the_info_panel(tab, locale):
     assert tab.page_errors == []
 
 
-def test_chinese_ui(page, ui_server):
+@pytest.mark.parametrize("locale", ["zh"])  # the page opens in Chinese (the txt2img test above switches to it)
+def test_chinese_ui(page, ui_server, locale):
     zh = read_json("locales", "zh", "nodeDefs.json")["ChineseSD_CLIPTextEncode"]
     docs = []
     page.on("response", lambda r: docs.append((r.url, r.status)) if "/docs/" in r.url else None)
-    set_locale(page, "zh")
-    close_dialogs(page)
     page.evaluate("() => app.graph.clear()")
     node_id = add_encode_node(page)
     node = page.evaluate("(id) => { const n = app.graph.getNodeById(id); return {title: n.title,"

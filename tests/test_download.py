@@ -23,6 +23,7 @@ from tiny_models import HUB_VARIANT
 from benchmarks.standins.hub import StandInHub, folder_listing
 
 pytestmark = pytest.mark.fuzz  # the marks of this module (registered in pyproject.toml)
+# the download client's own tests (no ComfyUI, no transformers) are marked one_host: a matrix run runs them once
 
 download = pack.loaders.download
 ModelLoadError = pack.loaders.errors.ModelLoadError
@@ -48,6 +49,7 @@ def tree(root):
             for d, _, names in os.walk(root) for f in names}
 
 
+@pytest.mark.one_host
 def test_a_fresh_download_is_verified_complete_and_the_next_load_asks_nothing(hub, model_folders, tmp_path):
     source = model_folders[HUB_VARIANT]
     want = expected_files(source)
@@ -88,6 +90,7 @@ def test_a_fresh_download_is_verified_complete_and_the_next_load_asks_nothing(hu
         download.ensure_model(tmp_path / "models")
 
 
+@pytest.mark.one_host
 def test_a_wrong_checksum_is_refused_nothing_is_listed_and_the_next_try_fetches_only_the_rest(hub, tmp_path):
     bad = "text_encoder/model.safetensors"
     hub.wrong_sha.add(bad)
@@ -106,6 +109,7 @@ def test_a_wrong_checksum_is_refused_nothing_is_listed_and_the_next_try_fetches_
     assert {p for p, _ in hub.file_requests()} == {bad}  # the verified ones were not fetched again
 
 
+@pytest.mark.one_host
 def test_a_disk_too_small_is_refused_before_any_byte(hub, tmp_path):
     entries = hub.entries(download.MODEL_ID)
     huge = 60 * 1024 ** 3  # three such weights files: more than this machine's disk holds
@@ -118,6 +122,7 @@ def test_a_disk_too_small_is_refused_before_any_byte(hub, tmp_path):
     assert hub.file_requests() == []
 
 
+@pytest.mark.one_host
 def test_cancel_stops_within_two_seconds_and_the_next_try_resumes(hub, tmp_path):
     hub.rate = 4 * 1024 ** 2
     state = {"at": None}
@@ -139,6 +144,7 @@ def test_cancel_stops_within_two_seconds_and_the_next_try_resumes(hub, tmp_path)
     assert any(rng for _, rng in hub.file_requests())  # a partial file was resumed with a Range request
 
 
+@pytest.mark.one_host
 def test_two_callers_share_one_download(hub, tmp_path):
     results, errors = [], []
 
@@ -166,6 +172,7 @@ BAD_ANSWERS = {
 }
 
 
+@pytest.mark.one_host
 @pytest.mark.parametrize("answer", sorted(BAD_ANSWERS))
 def test_a_hub_answering_nonsense_is_one_clear_error(hub, tmp_path, answer):
     hub.listing_answer = BAD_ANSWERS[answer]
@@ -176,6 +183,7 @@ def test_a_hub_answering_nonsense_is_one_clear_error(hub, tmp_path, answer):
     assert hub.file_requests() == [] and not (tmp_path / "models" / download.FOLDER).exists()
 
 
+@pytest.mark.one_host
 def test_no_hub_and_an_unknown_repo_are_one_clear_error(hub, tmp_path, monkeypatch):
     with StandInHub({"someone/other-model": {"a.txt": b"x"}}) as other:
         monkeypatch.setenv(download.ENDPOINT_ENV, other.url)
@@ -189,6 +197,7 @@ def test_no_hub_and_an_unknown_repo_are_one_clear_error(hub, tmp_path, monkeypat
     assert url in str(e.value) and "by hand" in str(e.value)
 
 
+@pytest.mark.one_host
 def test_only_the_model_s_id_and_its_old_name_are_known():
     assert download.repo_for(download.MODEL_ID) == download.repo_for(download.OLD_IDS[0]) == download.MODEL_ID
     assert download.repo_for(" DAMO/Multi-Modal_Chinese_Stable_Diffusion_v1.0 ") == download.MODEL_ID
@@ -220,6 +229,7 @@ def _allowed(path):
         name in weights.weight_candidates() or weights._SHARD.match(name) is not None))
 
 
+@pytest.mark.one_host
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(extra=st.lists(ENTRY, max_size=8), keep=st.lists(st.booleans(), min_size=20, max_size=20))
 def test_generated_listings_are_refused_or_yield_only_known_paths(extra, keep):
@@ -246,6 +256,7 @@ SMALL_MODEL = {"model_index.json": b'{"_class_name": "StableDiffusionPipeline"}'
                "text_encoder/pytorch_model.bin": b"t" * 1000}
 
 
+@pytest.mark.one_host
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(hostile=st.lists(PATHS, min_size=1, max_size=4))
 def test_hostile_paths_in_a_real_download_write_nothing_outside_the_model_folder(hostile, tmp_path_factory):

@@ -11,6 +11,8 @@ import pytest
 
 from conftest import PACK_DIR
 
+pytestmark = pytest.mark.one_host  # the marks of this module (registered in pyproject.toml)
+
 PRODUCT = ("__init__.py", "loaders", "nodes", "run.py", "runner")
 
 

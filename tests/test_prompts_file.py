@@ -17,7 +17,7 @@ from fuzz import STATS, fuzz_settings, time_limit
 
 from runner import RunError, options, prompts_file  # noqa: E402
 
-pytestmark = pytest.mark.fuzz  # the marks of this module (registered in pyproject.toml)
+pytestmark = [pytest.mark.fuzz, pytest.mark.one_host]  # the marks of this module (registered in pyproject.toml)
 
 
 def read(tmp_path, name, data):
