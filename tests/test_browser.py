@@ -195,11 +195,17 @@ def tabs(browser, ui_server):
         if locale not in opened:
             opened[locale] = open_page(browser, ui_server, locale)
         return opened[locale]
+
+    def close_all():
+        """Close the tabs (an idle tab keeps drawing; one is opened again if a test asks for it)."""
+        for tab_ in opened.values():
+            tab_.context.close()
+        opened.clear()
+    tab_for.close_all = close_all
     try:
         yield tab_for
     finally:
-        for tab_ in opened.values():
-            tab_.context.close()
+        close_all()
 
 
 @pytest.fixture
@@ -935,14 +941,16 @@ def frontend_servers(ui_server, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def variant_pages(browser, frontend_servers):
+def variant_pages(browser, frontend_servers, tabs):
     """One tab per (frontend, Nodes 2.0), opened on first use, the previous variant's closed: the variant tests'
-    parameters are module-scoped, so pytest runs each variant's tests together and every tab opens once."""
+    parameters are module-scoped, so pytest runs each variant's tests together and every tab opens once. The
+    variant tests come last: the shared tabs are closed when they start."""
     current = {}
 
     def page_for(frontend, nodes2):
         key = (frontend, nodes2)
         if key not in current:
+            tabs.close_all()
             for page in current.values():
                 page.context.close()
             current.clear()
