@@ -538,7 +538,10 @@ def test_txt2img_runs_then_the_counter_follows_a_long_prompt_in_place(page):
     assert counter(page, positive).get_attribute("data-tokens") == "17"
     assert layout(page) == before
 
-    # the same in Chinese (the graph is kept across the reload, as the frontend keeps a user's open workflow)
+    # the same in Chinese (the graph is kept across the reload, as the frontend keeps a user's open workflow: in
+    # the browser's storage, written half a second after a change, which a busy machine can delay)
+    page.wait_for_function("() => Object.keys(localStorage).some(k => localStorage.getItem(k)"
+                           ".includes('ChineseSD_CLIPTextEncode'))", timeout=30_000)
     set_locale(page, "zh")
     close_dialogs(page)
     assert sorted(n for n, _ in encode_nodes(page)) == sorted([positive, negative])
@@ -779,21 +782,41 @@ def frontend_version(page):
 
 
 def click_past_missing_model_notice(page, element):
-    """Click element as a user does when the frontend has covered it with its error overlay (1.49+ shows one,
-    a moment after a loader names a model that is not installed, over the top right of the canvas): the notice
-    must be the missing model's, and is closed first."""
+    """Click element as a user does when the frontend has covered it with its error overlay (1.49+ shows one over
+    the top right of the canvas when the open graph names models that are not installed, e.g. ComfyUI's default
+    graph at a first visit): the overlay is put away first, once it is clear that it speaks of missing models."""
     try:
         element.click(timeout=10_000)
         return
     except Exception:  # noqa: BLE001  (playwright's TimeoutError: something lies over it)
-        overlay = page.get_by_test_id("error-overlay")
-        if not overlay.is_visible():
+        if not page.get_by_test_id("error-overlay").is_visible():
             raise
-    notice = overlay.inner_text()
-    assert re.search(r"(?i)model|模型", notice), notice
-    page.get_by_test_id("error-overlay-dismiss").click()
-    overlay.wait_for(state="hidden", timeout=10_000)
+    dismiss_missing_model_notice(page)
     element.click()
+
+
+def dismiss_missing_model_notice(page):
+    """Put the frontend's error overlay away. One error is named in the overlay itself (a missing model's name);
+    several are only counted there ("2 errors found"), and its "see details" opens the Errors panel, which lists
+    them by kind: every one must be a missing model."""
+    overlay = page.get_by_test_id("error-overlay")
+    notice = overlay.inner_text()
+    if re.search(r"(?i)model|模型", notice):
+        page.get_by_test_id("error-overlay-dismiss").click()
+        overlay.wait_for(state="hidden", timeout=10_000)
+        return
+    selected = page.evaluate("() => Object.keys(app.canvas.selected_nodes ?? {})")
+    page.get_by_test_id("error-overlay-see-errors").click()
+    overlay.wait_for(state="hidden", timeout=10_000)
+    panel = page.evaluate("() => document.body.innerText")
+    total = re.search(r"(\d+) (?:errors?|个错误)", panel)  # "2 nodes — 2 errors"
+    assert total, f"{notice}\n---\n{panel}"
+    kinds = re.findall(r"^(\d+)\n(.+)$", panel[total.end():], re.M)  # each kind: its count, then its name
+    assert kinds and {name for _, name in kinds} <= {"Missing Models", "缺失模型"}, f"{notice}\n---\n{panel}"
+    assert sum(int(count) for count, _ in kinds) == int(total.group(1)), panel
+    # the Errors panel comes with nothing selected: what was selected is selected again, as a user clicks it
+    page.evaluate("""(ids) => { for (const id of ids) app.canvas.selectNode(app.graph.getNodeById(Number(id)) ??
+        app.graph.getNodeById(id), true); }""", selected)
 
 
 def open_help(page, node_type):
