@@ -204,8 +204,8 @@ run_pytest() {  # run_pytest HOST TRANSFORMERS PYTHON COMFYUI ONE_HOST_TESTS [py
 # one suite keeps 2 cores less than busy (it waits on servers, the browser, subprocesses), so two together
 # finish sooner than one after the other. CNSD_PARALLEL=0 runs them one after the other.
 # The tests that are the same whatever the test bed's host (marker one_host: the product's own environment, the
-# download client, ...) run in one suite only: the first combination's (ComfyUI 0.3.52's, the shorter one; the
-# newest host's has the browser test's frontend variants); CNSD_ONE_HOST_TESTS=0 in the others
+# download client, ...) run in one suite only: the first combination's (ComfyUI 0.3.52's, which has none of the
+# browser test's frontend variants: with them the two suites end together); CNSD_ONE_HOST_TESTS=0 in the others
 one_host_tests() { [ "$1" = 0 ] && echo 1 || echo 0; }
 names=() pythons=() comfys=()
 for combo in $combos; do
